@@ -1,0 +1,263 @@
+"""The `nefgpt` command line: one subcommand per stage, and `run` for all of them.
+
+Every stage reads and writes artifacts in the run directory (``--out``). A stage
+whose outputs exist and are newer than its inputs is skipped; ``--force`` redoes
+it. Errors print one line on stderr and exit 1 (runtime) or 2 (usage);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import config as config_mod
+from .artifacts import load_json, save_json
+from .config import RunConfig
+from .errors import ArtifactError, NefgptError, UsageError
+
+CONFIG_FILE = "config.json"
+
+
+def _stage_files() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """stage -> (inputs, outputs) in the run directory."""
+    from .evaluate import METRICS_FILE
+    from .fit import NEFS_FILE
+    from .sample import IMAGES_FILE, SAMPLES_FILE
+    from .tokenizer import TOKENIZER_FILE, TOKENS_FILE
+    from .train import CKPT_FILE, SUMMARY_FILE
+
+    return {
+        "fit": ((), (NEFS_FILE,)),
+        "tokenize": ((NEFS_FILE,), (TOKENIZER_FILE, TOKENS_FILE)),
+        "train": ((TOKENS_FILE,), (CKPT_FILE, SUMMARY_FILE)),
+        "sample": ((CKPT_FILE,), (SAMPLES_FILE, IMAGES_FILE)),
+        "evaluate": ((SAMPLES_FILE,), (METRICS_FILE,)),
+    }
+
+
+STAGES = ("fit", "tokenize", "train", "sample", "evaluate")
+
+
+# The config sections each stage depends on directly; upstream changes reach it through file times.
+STAGE_SECTIONS = {"fit": ("data", "fit"), "tokenize": ("tokenize",), "train": ("train",),
+                  "sample": ("sample",), "evaluate": ("evaluate",)}
+STAGES_FILE = "stages.json"
+
+
+def stage_fingerprint(cfg: RunConfig, stage: str) -> str:
+    sections = {name: getattr(cfg, name) for name in STAGE_SECTIONS[stage]}
+    blob = json.dumps({k: dataclasses.asdict(v) for k, v in sections.items()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _stage_record(run_dir: Path) -> dict:
+    path = run_dir / STAGES_FILE
+    return load_json(path) if path.exists() else {}
+
+
+def is_fresh(run_dir: Path, stage: str, cfg: RunConfig) -> bool:
+    """Outputs exist, are newer than the inputs, and were made with the current settings."""
+    inputs, outputs = _stage_files()[stage]
+    outs = [run_dir / o for o in outputs]
+    if not all(o.exists() for o in outs):
+        return False
+    if _stage_record(run_dir).get(stage) != stage_fingerprint(cfg, stage):
+        return False
+    newest_in = max(((run_dir / i).stat().st_mtime for i in inputs if (run_dir / i).exists()), default=0.0)
+    return min(o.stat().st_mtime for o in outs) >= newest_in
+
+
+def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
+    """Preset (or the run's saved config) + --set overrides, validated and saved."""
+    saved = run_dir / CONFIG_FILE
+    if args.preset is None and saved.exists():
+        cfg = config_mod.from_dict(load_json(saved), source=str(saved))
+    else:
+        cfg = config_mod.load_preset(args.preset or "cpu")
+    overrides = list(args.set or [])
+    overrides += [f"sample.{k}={v}" for k, v in _sample_overrides(args).items()]
+    config_mod.apply_overrides(cfg, overrides)
+    save_json(saved, cfg.to_dict())
+    return cfg
+
+
+def _sample_overrides(args: argparse.Namespace) -> dict:
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "n": "n_per_class", "seed": "seed"}
+    return {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src, None) is not None}
+
+
+def stage_runner(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> Callable[[], dict]:
+    progress = not args.quiet
+    if name == "fit":
+        from .fit import run_fit
+
+        return lambda: run_fit(cfg.data, cfg.fit, run_dir, progress)
+    if name == "tokenize":
+        from .tokenizer import run_tokenize
+
+        return lambda: run_tokenize(cfg.tokenize, run_dir, num_classes=10)
+    if name == "train":
+        from .figures import save_loss_curve
+        from .train import LOG_FILE, run_train
+
+        def train() -> dict:
+            summary = run_train(cfg.train, run_dir, resume=args.resume, progress=progress)
+            save_loss_curve(run_dir / "loss.png", run_dir / LOG_FILE)
+            return summary
+
+        return train
+    if name == "sample":
+        from .sample import run_sample
+
+        return lambda: run_sample(cfg.sample, run_dir, progress, labels=getattr(args, "label", None))
+    from .evaluate import run_evaluate
+
+    return lambda: run_evaluate(cfg.evaluate, run_dir, progress)
+
+
+def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> None:
+    labels = getattr(args, "label", None)
+    force = args.force or (name == "sample" and bool(labels))
+    if not force and is_fresh(run_dir, name, cfg):
+        print(f"[{name}] up to date, skipped (--force redoes it)", file=sys.stderr)
+        return
+    inputs, outputs = _stage_files()[name]
+    for i in inputs:
+        if not (run_dir / i).exists():
+            raise ArtifactError(f"{run_dir / i}: file not found; run `nefgpt {_maker(i)} --out {run_dir}` first")
+    if name == "sample" and labels:
+        check_labels(labels, run_dir)
+    if force:
+        _clear_outputs(name, run_dir, keep_checkpoint=args.resume)
+    t0 = time.time()
+    print(f"[{name}] running", file=sys.stderr)
+    result = stage_runner(name, cfg, run_dir, args)()
+    record = _stage_record(run_dir)
+    # Samples of chosen labels only are not what a later `run` expects: record them as different.
+    record[name] = stage_fingerprint(cfg, name) + (f"+labels{sorted(labels)}" if labels else "")
+    save_json(run_dir / STAGES_FILE, record)
+    print(f"[{name}] done in {time.time() - t0:.1f}s: {_brief(result)}", file=sys.stderr)
+
+
+def check_labels(labels: list[int], run_dir: Path) -> None:
+    from .fit import load_split
+
+    num_classes = int(load_split(run_dir)["num_classes"])
+    for c in labels:
+        if not 0 <= c < num_classes:
+            raise UsageError(f"--label {c}: not a class of this run (0..{num_classes - 1})")
+
+
+def _maker(filename: str) -> str:
+    return next(s for s, (_, outs) in _stage_files().items() if filename in outs)
+
+
+def _clear_outputs(name: str, run_dir: Path, keep_checkpoint: bool) -> None:
+    from .fit import ANCHOR_FILE, CHUNK_DIR, SPLIT_FILE
+
+    extra = {"fit": (SPLIT_FILE, ANCHOR_FILE), "train": ("train_log.csv",)}.get(name, ())
+    for f in (*_stage_files()[name][1], *extra):
+        if keep_checkpoint and f == "ckpt.pt":
+            continue
+        (run_dir / f).unlink(missing_ok=True)
+    if name == "fit" and (run_dir / CHUNK_DIR).is_dir():
+        for p in (run_dir / CHUNK_DIR).iterdir():
+            p.unlink()
+        (run_dir / CHUNK_DIR).rmdir()
+
+
+def _brief(result: dict) -> str:
+    keys = ("psnr_mean", "psnr_quantized_mean", "mse", "train_loss", "val_loss", "n", "accuracy", "1nna", "mmd", "cov")
+    parts = [f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}" for k in keys if k in result]
+    return ", ".join(parts) or "ok"
+
+
+def summary_table(run_dir: Path) -> str:
+    """The headline numbers of a run as a Markdown table."""
+    fit = _read_meta(run_dir / "nefs.safetensors")
+    tok = load_json(run_dir / "tokenizer.json")
+    train = load_json(run_dir / "train.json")
+    m = load_json(run_dir / "metrics.json")
+    rows = [
+        ("fitting PSNR (dB, mean)", f"{fit['psnr_mean']:.2f}"),
+        ("quantized PSNR (dB, mean)", f"{tok['psnr_quantized_mean']:.2f}"),
+        ("train / val cross-entropy (nats)", f"{train['train_loss']:.3f} / {train['val_loss']:.3f}"),
+        ("classifier accuracy of samples", f"{m['accuracy']:.1%}"),
+        ("classifier cross-entropy of samples", f"{m['cross_entropy']:.3f}"),
+        ("classifier held-out accuracy (real images)", f"{m['classifier_heldout_accuracy']:.1%}"),
+        ("MMD (lower better)", f"{m['mmd']:.4f}  (real-data ceiling {m['ceiling']['mmd']:.4f})"),
+        ("COV (higher better)", f"{m['cov']:.1%}  (ceiling {m['ceiling']['cov']:.1%})"),
+        ("1-NNA (50% ideal)", f"{m['1nna']:.1%}  (ceiling {m['ceiling']['1nna']:.1%})"),
+        ("near-copy rate", f"{m['novelty']['near_copy_rate']:.1%}  (held-out real {m['novelty']['heldout_near_copy_rate']:.1%})"),
+    ]
+    lines = ["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def _read_meta(path: Path) -> dict:
+    from .artifacts import load_tensors
+
+    return load_tensors(path)[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nefgpt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", "-o", required=True, type=Path, help="run directory")
+    common.add_argument("--preset", help="cpu (default), seed, fashion, or a .toml file")
+    common.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    common.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
+    common.add_argument("--resume", action="store_true", help="train: continue from the last checkpoint")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    helps = {"fit": "load data, split it, fit one field per image", "tokenize": "learn the codebook, tokenize fields",
+             "train": "train the GPT", "sample": "sample fields per class", "evaluate": "score samples",
+             "run": "all stages in order"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        if name in ("sample", "run"):
+            p.add_argument("--temperature", type=float)
+            p.add_argument("--top-k", dest="top_k", type=int)
+            p.add_argument("--top-p", dest="top_p", type=float)
+            p.add_argument("-n", type=int, help="samples per class")
+            p.add_argument("--seed", type=int, help="sampling seed")
+        if name == "sample":
+            p.add_argument("--label", type=int, action="append", help="sample only this class (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_dir: Path = args.out
+        if args.command != "run" and args.command != "fit" and not run_dir.is_dir():
+            raise ArtifactError(f"{run_dir}: run directory not found")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = resolve_config(args, run_dir)
+        stages = STAGES if args.command == "run" else (args.command,)
+        for stage in stages:
+            run_stage(stage, cfg, run_dir, args)
+        if args.command in ("run", "evaluate"):
+            print(summary_table(run_dir))
+    except NefgptError as exc:
+        if args.debug:
+            raise
+        print(f"nefgpt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("nefgpt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Configuration: one dataclass per stage, TOML presets, command-line overrides.
+
+A preset is a TOML file with one table per stage (``[fit]``, ``[train]`` ...);
+keys it leaves out keep the dataclass defaults. Overrides use dotted keys,
+``--set train.max_iters=500``. Unknown tables or keys are errors, never ignored.
+The resolved configuration is saved as ``config.json`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import UsageError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"  # mnist | fashion-mnist | idx:PATH | npz:PATH
+    subset_per_class: int = 0  # 0 keeps every image; >0 draws that many per class first
+    heldout_per_class: int = 50
+    seed: int = 0
+
+
+@dataclass
+class FitConfig:
+    octaves: int = 4
+    hidden: list[int] = field(default_factory=lambda: [16, 16])
+    init: str = "shared"  # shared: start every field from one fitted anchor field; random: fresh init each
+    steps: int = 200
+    lr: float = 1e-2
+    anchor_steps: int = 3000
+    anchor_lr: float = 3e-3
+    batch_size: int = 64  # fields fitted together; small batches stay in cache and run faster
+    chunk_size: int = 500  # fields written together; the unit of resume
+    seed: int = 0
+
+
+@dataclass
+class TokenizerConfig:
+    num_codes: int = 245
+    init: str = "quantile"  # quantile | random
+    max_iters: int = 100
+    dead_fraction: float = 0.05  # a code used less than this fraction of the mean usage is reassigned
+    tol: float = 1e-7  # stop when the relative MSE improvement falls below this
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    head_dim: int = 0  # 0 means n_embd // n_head; set it to decouple head count from width
+    dropout: float = 0.0
+    bias: bool = True
+    batch_size: int = 32
+    max_iters: int = 2000
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    ckpt_interval: int = 250
+    dtype: str = "auto"  # auto | bf16 | fp32; auto uses bf16 autocast where the hardware supports it
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    n_per_class: int = 50
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    top_p: float = 1.0  # 1.0 disables nucleus filtering
+    batch_size: int = 250
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    classifier_epochs: int = 8
+    classifier_batch_size: int = 128
+    classifier_lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    tokenize: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS = ("cpu", "seed", "fashion")
+
+
+def preset_path(name: str) -> Path:
+    if name.endswith(".toml"):
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"preset file {name}: not found")
+        return path
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)} or give a .toml path)")
+    return Path(str(resources.files("nefgpt") / "presets" / f"{name}.toml"))
+
+
+def load_preset(name: str) -> RunConfig:
+    path = preset_path(name)
+    try:
+        tables = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: invalid TOML ({exc})") from None
+    return from_dict(tables, source=str(path))
+
+
+def from_dict(tables: dict[str, Any], source: str, base: RunConfig | None = None) -> RunConfig:
+    cfg = base if base is not None else RunConfig()
+    for section, values in tables.items():
+        if not isinstance(values, dict):
+            raise UsageError(f"{source}: '{section}' must be a table of settings")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value, source)
+    return cfg
+
+
+def set_value(cfg: RunConfig, dotted: str, value: Any, source: str) -> None:
+    section, _, key = dotted.partition(".")
+    stage = getattr(cfg, section, None) if section in _sections() else None
+    if stage is None or not key:
+        raise UsageError(f"{source}: unknown setting '{dotted}' (sections: {', '.join(_sections())})")
+    hints = get_type_hints(type(stage))
+    if key not in hints:
+        raise UsageError(f"{source}: unknown setting '{dotted}' (known: {', '.join(hints)})")
+    setattr(stage, key, _coerce(value, hints[key], dotted, source))
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` strings; values are parsed as TOML, falling back to a bare string."""
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item}: expected section.key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        set_value(cfg, dotted.strip(), value, f"--set {item}")
+    validate(cfg)
+    return cfg
+
+
+def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
+    origin = getattr(hint, "__origin__", hint)
+    ok = (
+        (origin is bool and isinstance(value, bool))
+        or (origin is int and isinstance(value, int) and not isinstance(value, bool))
+        or (origin is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (origin is str and isinstance(value, str))
+        or (origin is list and isinstance(value, list) and all(isinstance(v, int) for v in value))
+    )
+    if not ok:
+        raise UsageError(f"{source}: '{dotted}' must be of type {getattr(origin, '__name__', origin)}, got {value!r}")
+    return float(value) if origin is float else value
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+_NON_NEGATIVE = {
+    "data": ("subset_per_class",),
+    "fit": ("steps", "anchor_steps"),
+    "tokenize": ("max_iters",),
+    "train": ("max_iters", "warmup_iters", "head_dim"),
+    "sample": ("top_k",),
+    "evaluate": (),
+}
+_POSITIVE = {
+    "data": ("heldout_per_class",),
+    "fit": ("octaves", "batch_size", "chunk_size", "lr", "anchor_lr"),
+    "tokenize": ("num_codes",),
+    "train": ("n_layer", "n_head", "n_embd", "batch_size", "lr", "eval_interval", "ckpt_interval"),
+    "sample": ("n_per_class", "batch_size"),
+    "evaluate": ("classifier_epochs", "classifier_batch_size", "classifier_lr"),
+}
+_CHOICES = {
+    ("fit", "init"): ("shared", "random"),
+    ("tokenize", "init"): ("quantile", "random"),
+    ("train", "dtype"): ("auto", "bf16", "fp32"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Reject values that can't work, with the setting's name in the message."""
+    for section, keys in _NON_NEGATIVE.items():
+        for key in keys:
+            if getattr(getattr(cfg, section), key) < 0:
+                raise UsageError(f"{section}.{key} must be >= 0, got {getattr(getattr(cfg, section), key)}")
+    for section, keys in _POSITIVE.items():
+        for key in keys:
+            v = getattr(getattr(cfg, section), key)
+            if not v > 0 or (isinstance(v, float) and not math.isfinite(v)):
+                raise UsageError(f"{section}.{key} must be > 0, got {v}")
+    for (section, key), choices in _CHOICES.items():
+        if getattr(getattr(cfg, section), key) not in choices:
+            raise UsageError(f"{section}.{key} must be one of {', '.join(choices)}")
+    if not cfg.fit.hidden or min(cfg.fit.hidden) < 1:
+        raise UsageError(f"fit.hidden must be a non-empty list of positive sizes, got {cfg.fit.hidden}")
+    if cfg.tokenize.num_codes + 1 + 10 > 65536:
+        raise UsageError("tokenize.num_codes is too large")
+    # Sampling values are checked here too, so a bad --temperature/--top-p/--top-k is refused before
+    # config.json is saved and before `sample` clears its old outputs (sample.check_sampling rechecks).
+    s = cfg.sample
+    if not (math.isfinite(s.temperature) and s.temperature >= 0):
+        raise UsageError(f"sample.temperature must be a finite number >= 0, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise UsageError(f"sample.top_p must be in (0, 1], got {s.top_p}")
+    if s.top_k > cfg.tokenize.num_codes:
+        raise UsageError(f"sample.top_k must be 0 (off) or at most tokenize.num_codes = {cfg.tokenize.num_codes}, "
+                         f"got {s.top_k}")
+    return cfg

@@ -1,0 +1,141 @@
+"""Stage `evaluate`: score generated fields on their rendered images.
+
+- Set metrics (MMD, COV, 1-NNA under D = (1 - SSIM) / 2) of the generated set
+  against the rendered held-out fields, overall and per class, with equal
+  per-class counts.
+- The real-data ceiling: the same metrics for rendered *training* fields
+  against the held-out fields, so a reader sees what a perfect model would get.
+- Novelty: each sample's distance to its nearest rendered training field,
+  compared with the same distance for held-out fields (near-copy rate).
+- Classifier score: a CNN trained on the train-split images scores the samples
+  by accuracy (label = condition) and cross-entropy.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import field, metrics
+from .artifacts import load_tensors, save_json
+from .classifier import load_classifier, save_classifier, score_images, train_classifier
+from .config import EvalConfig
+from .errors import ArtifactError
+from .fit import load_nefs, load_split_images
+from .sample import SAMPLES_FILE
+
+METRICS_FILE = "metrics.json"
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
+def balanced_indices(labels: torch.Tensor, per_class: dict[int, int], seed: int) -> torch.Tensor:
+    """A seeded draw of per_class[c] indices of each class c, sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for c, k in sorted(per_class.items()):
+        idx = torch.nonzero(labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    return torch.cat(picks).sort().values
+
+
+def load_generated(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rendered images and labels of the sampled fields."""
+    tensors, meta = load_tensors(run_dir / SAMPLES_FILE, {"weights": torch.float32, "labels": torch.int64})
+    spec = field.FieldSpec.from_meta(meta.get("field", {}), str(run_dir / SAMPLES_FILE))
+    return field.render(spec, tensors["weights"], 28), tensors["labels"]
+
+
+def get_classifier(run_dir: Path, cfg: EvalConfig, train_images, train_labels, val_images, val_labels, progress: bool):
+    path = run_dir / CLASSIFIER_FILE
+    if path.exists():
+        return load_classifier(path)
+    model, info = train_classifier(train_images, train_labels, val_images, val_labels, epochs=cfg.classifier_epochs,
+                                   batch_size=cfg.classifier_batch_size, lr=cfg.classifier_lr, seed=cfg.seed,
+                                   progress=progress)
+    save_classifier(model, path, info)
+    return model, info
+
+
+def near_copy_stats(gen_nn: torch.Tensor, heldout_nn: torch.Tensor) -> dict:
+    """Compare nearest-training distances of samples with those of held-out real fields."""
+    threshold = float(torch.quantile(heldout_nn.double(), 0.05))
+    return {
+        "threshold_heldout_p5": threshold,
+        "near_copy_rate": float((gen_nn < threshold).double().mean()),
+        "heldout_near_copy_rate": float((heldout_nn < threshold).double().mean()),
+        "generated_nn_distance": _quantiles(gen_nn),
+        "heldout_nn_distance": _quantiles(heldout_nn),
+    }
+
+
+def _quantiles(x: torch.Tensor) -> dict:
+    q = torch.quantile(x.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+    return {"mean": float(x.double().mean()), "p5": q[0], "median": q[1], "p95": q[2]}
+
+
+def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
+    t0 = time.time()
+    split, images, labels = load_split_images(run_dir)
+    nefs, meta = load_nefs(run_dir)
+    spec = meta["spec"]
+    train_idx = torch.tensor(split["train"], dtype=torch.long)
+    held_idx = torch.tensor(split["heldout"], dtype=torch.long)
+    res = images.shape[-1]
+    if res != 28:
+        raise ArtifactError(f"{run_dir}: evaluation expects 28x28 images, the dataset has {res}x{res}")
+
+    gen_images, gen_labels = load_generated(run_dir)
+    held_fields = field.render(spec, nefs["weights"][held_idx], res)
+    held_labels = labels[held_idx]
+    # Equal-size sets per class, as the PointFlow protocol requires.
+    counts = {c: min(int((gen_labels == c).sum()), int((held_labels == c).sum())) for c in range(split["num_classes"])}
+    counts = {c: k for c, k in counts.items() if k > 0}
+    if not counts:
+        raise ArtifactError(f"{run_dir / SAMPLES_FILE}: no sampled class appears in the held-out split")
+    g_sel = balanced_indices(gen_labels, counts, cfg.seed)
+    r_sel = balanced_indices(held_labels, counts, cfg.seed)
+    gen, gen_l = gen_images[g_sel], gen_labels[g_sel]
+    ref, ref_l = held_fields[r_sel], held_labels[r_sel]
+    model_metrics = metrics.set_metrics_by_class(gen, gen_l, ref, ref_l)
+
+    train_labels = labels[train_idx]
+    t_sel = balanced_indices(train_labels, counts, cfg.seed + 1)
+    train_fields_sample = field.render(spec, nefs["weights"][train_idx[t_sel]], res)
+    ceiling = metrics.set_metrics(train_fields_sample, ref)
+
+    train_fields = field.render(spec, nefs["weights"][train_idx], res)
+    gen_nn, gen_nn_idx = metrics.nearest_distance(gen, train_fields)
+    held_nn, _ = metrics.nearest_distance(ref, train_fields)
+    novelty = near_copy_stats(gen_nn, held_nn)
+
+    clf, clf_info = get_classifier(run_dir, cfg, images[train_idx], train_labels, images[held_idx], held_labels,
+                                   progress)
+    score = score_images(clf, gen, gen_l)
+    held_field_score = score_images(clf, ref, ref_l)
+
+    result = {
+        "n_generated": len(gen),
+        "n_reference": len(ref),
+        "reference": "rendered held-out fields",
+        "distance": "(1 - SSIM) / 2, SSIM per Wang et al. 2004 (11x11 Gaussian, sigma 1.5, valid windows)",
+        "mmd": model_metrics["overall"]["mmd"],
+        "cov": model_metrics["overall"]["cov"],
+        "1nna": model_metrics["overall"]["1nna"],
+        "accuracy": score["accuracy"],
+        "cross_entropy": score["cross_entropy"],
+        "classifier_heldout_accuracy": clf_info["val_accuracy"],
+        "per_class": {c: {**model_metrics["per_class"][c], "accuracy": score["per_class"][c]["accuracy"],
+                          "cross_entropy": score["per_class"][c]["cross_entropy"]}
+                      for c in model_metrics["per_class"]},
+        "confusion": score["confusion"],
+        "ceiling": {**ceiling, "accuracy": held_field_score["accuracy"],
+                    "cross_entropy": held_field_score["cross_entropy"],
+                    "description": "rendered training fields vs rendered held-out fields, same sizes"},
+        "novelty": novelty,
+        "nearest_train_index": train_idx[gen_nn_idx].tolist(),
+        "evaluate_seconds": time.time() - t0,
+    }
+    save_json(run_dir / METRICS_FILE, result)
+    return result

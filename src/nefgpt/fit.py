@@ -1,0 +1,182 @@
+"""Stage `fit`: load the data, split it, and fit one neural field per image.
+
+Fields are fitted many at a time: the weights of a chunk of fields form one
+(B, P) tensor and the forward pass is a batched matmul. The loss is the sum over
+fields of each field's mean BCE, and Adam is elementwise, so every field follows
+exactly the trajectory it would follow alone.
+
+With ``init = "shared"`` one anchor field is first fitted long from random init
+on a fixed image (the first training image); every field then starts from the
+anchor's weights ("weight conditioning"), which keeps the flattened weights of
+different fields aligned position by position.
+
+Chunks are written as they finish, so a killed fit resumes where it stopped and
+ends with the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import field
+from .artifacts import load_json, load_tensors, save_json, save_tensors
+from .config import DataConfig, FitConfig
+from .data import load_dataset, stratified_split, subset_per_class
+from .errors import ArtifactError
+from .field import FieldSpec
+
+SPLIT_FILE = "split.json"
+NEFS_FILE = "nefs.safetensors"
+ANCHOR_FILE = "anchor.safetensors"
+CHUNK_DIR = "fit_chunks"
+
+
+def spec_from_config(cfg: FitConfig) -> FieldSpec:
+    return FieldSpec(octaves=cfg.octaves, hidden=tuple(cfg.hidden))
+
+
+def fit_batch(
+    spec: FieldSpec, init: torch.Tensor, images: torch.Tensor, steps: int, lr: float
+) -> torch.Tensor:
+    """Fit fields (B, P) starting at `init` to images (B, H, W) with Adam and a cosine schedule."""
+    features = field.encode(field.pixel_coords(images.shape[-1]), spec.octaves)
+    target = images.reshape(images.shape[0], -1)
+    weights = init.clone().requires_grad_(True)
+    opt = torch.optim.Adam([weights], lr=lr)
+    for step in range(steps):
+        opt.param_groups[0]["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        logits = field.forward(spec, weights, features)
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return weights.detach()
+
+
+def make_split(cfg: DataConfig, run_dir: Path) -> dict:
+    """Load the dataset, pick the subset and the stratified split, and save them."""
+    ds = load_dataset(cfg.dataset)
+    keep = (
+        subset_per_class(ds.labels, cfg.subset_per_class, cfg.seed)
+        if cfg.subset_per_class
+        else torch.arange(len(ds.labels))
+    )
+    train_idx, heldout_idx = stratified_split(ds.labels[keep], cfg.heldout_per_class, cfg.seed)
+    split = {
+        "dataset": ds.name,
+        "image_size": int(ds.images.shape[-1]),
+        "num_classes": ds.num_classes,
+        "indices": keep.tolist(),  # positions in the dataset of the fields, in field order
+        "train": train_idx.tolist(),  # positions in `indices` / rows of nefs.safetensors
+        "heldout": heldout_idx.tolist(),
+    }
+    save_json(run_dir / SPLIT_FILE, split)
+    return split
+
+
+def load_split(run_dir: Path) -> dict:
+    split = load_json(run_dir / SPLIT_FILE)
+    for key in ("dataset", "indices", "train", "heldout", "num_classes"):
+        if key not in split:
+            raise ArtifactError(f"{run_dir / SPLIT_FILE}: missing '{key}'")
+    return split
+
+
+def load_split_images(run_dir: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The split and the images/labels of its fields, in field order."""
+    split = load_split(run_dir)
+    ds = load_dataset(split["dataset"])
+    idx = torch.tensor(split["indices"], dtype=torch.long)
+    return split, ds.images[idx], ds.labels[idx]
+
+
+def fit_anchor(spec: FieldSpec, image: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return fit_batch(spec, field.init_random(spec, 1, gen), image[None], cfg.anchor_steps, cfg.anchor_lr)
+
+
+def chunk_inits(spec: FieldSpec, cfg: FitConfig, anchor: torch.Tensor | None, start: int, n: int) -> torch.Tensor:
+    if cfg.init == "shared":
+        return anchor.expand(n, -1)
+    # A per-chunk generator keeps random inits independent of how chunks are resumed.
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start + 1)
+    return field.init_random(spec, n, gen)
+
+
+def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool = True) -> dict:
+    """Fit every field of the split; returns a summary that is also saved in nefs.safetensors."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if (run_dir / SPLIT_FILE).exists():
+        split, images, labels = load_split_images(run_dir)
+    else:
+        split = make_split(data_cfg, run_dir)
+        split, images, labels = load_split_images(run_dir)
+    spec = spec_from_config(cfg)
+    anchor = None
+    if cfg.init == "shared":
+        anchor_path = run_dir / ANCHOR_FILE
+        if anchor_path.exists():
+            tensors, meta = load_tensors(anchor_path, {"weights": torch.float32})
+            spec.check_matches(FieldSpec.from_meta(meta["field"], str(anchor_path)), str(anchor_path))
+            anchor = tensors["weights"]
+        else:
+            anchor_image = images[split["train"][0]]
+            anchor = fit_anchor(spec, anchor_image, cfg)
+            save_tensors(anchor_path, {"weights": anchor}, {"field": spec.to_meta(), "image": split["train"][0]})
+
+    chunk_dir = run_dir / CHUNK_DIR
+    n = len(images)
+    starts = list(range(0, n, cfg.chunk_size))
+    bar = tqdm(starts, desc="fit", unit="chunk", disable=not progress)
+    for start in bar:
+        path = chunk_dir / f"chunk_{start:07d}.safetensors"
+        if path.exists():
+            continue
+        stop = min(start + cfg.chunk_size, n)
+        init = chunk_inits(spec, cfg, anchor, start, stop - start)
+        weights = torch.cat([
+            fit_batch(spec, i, x, cfg.steps, cfg.lr)
+            for i, x in zip(init.split(cfg.batch_size), images[start:stop].split(cfg.batch_size))
+        ])
+        save_tensors(path, {"weights": weights}, {"field": spec.to_meta()})
+    weights = torch.cat(
+        [load_tensors(chunk_dir / f"chunk_{s:07d}.safetensors", {"weights": torch.float32})[0]["weights"] for s in starts]
+    )
+    psnr = field.psnr(field.render(spec, weights, images.shape[-1]), images)
+    meta = {
+        "field": spec.to_meta(),
+        "init": cfg.init,
+        "dataset": split["dataset"],
+        "flatten_order": "state-dict order: W1 (out x in, row-major), b1, W2, b2, ..., W_out, b_out",
+        "psnr_mean": float(psnr.mean()),
+        "psnr_min": float(psnr.min()),
+        "fit_seconds": time.time() - t0,
+    }
+    tensors = {"weights": weights, "psnr": psnr, "labels": labels}
+    if anchor is not None:
+        tensors["anchor"] = anchor[0]
+    save_tensors(run_dir / NEFS_FILE, tensors, meta)
+    for s in starts:
+        (chunk_dir / f"chunk_{s:07d}.safetensors").unlink()
+    chunk_dir.rmdir()
+    return meta
+
+
+def load_nefs(run_dir: Path, spec: FieldSpec | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load nefs.safetensors, checking its architecture against `spec` when given."""
+    path = run_dir / NEFS_FILE
+    tensors, meta = load_tensors(path, {"weights": torch.float32, "labels": torch.int64})
+    stored = FieldSpec.from_meta(meta.get("field", {}), str(path))
+    if spec is not None:
+        spec.check_matches(stored, str(path))
+    if tensors["weights"].shape[1] != stored.num_params:
+        raise ArtifactError(f"{path}: weights have {tensors['weights'].shape[1]} columns, architecture needs {stored.num_params}")
+    meta["spec"] = stored
+    return tensors, meta

@@ -1,0 +1,242 @@
+"""Stage `train`: fit the GPT to ``[SOS, C(label), w1 ... wP]`` token sequences.
+
+nanoGPT's habits: AdamW with decoupled weight decay on matrices only, linear
+warmup then cosine decay, gradient clipping, bf16 autocast where supported,
+periodic held-out evaluation, and a plain-dict checkpoint
+``{model, optimizer, model_args, iter_num, ...}`` written atomically.
+
+The data order is a pure function of (seed, iteration), so a resumed run sees
+the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .artifacts import atomic_path, load_checkpoint, save_checkpoint, save_json
+from .config import TrainConfig
+from .errors import ArtifactError, NefgptError, UsageError
+from .fit import load_split
+from .model import GPT, GPTConfig
+from .tokenizer import TOKENIZER_FILE, Vocab, load_tokenizer, load_tokens
+
+CKPT_FILE = "ckpt.pt"
+LOG_FILE = "train_log.csv"
+SUMMARY_FILE = "train.json"
+LOG_COLUMNS = ("iter", "lr", "train_loss", "val_loss", "tokens_per_s", "elapsed_s")
+
+
+def build_sequences(tokens: torch.Tensor, labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
+    """(N, P) code tokens -> (N, P + 2) sequences ``[SOS, C(label), w1 .. wP]``."""
+    n = tokens.shape[0]
+    sos = torch.full((n, 1), vocab.sos, dtype=torch.long)
+    cls = vocab.class_token(labels.long()).view(n, 1)
+    return torch.cat([sos, cls, tokens.long()], dim=1)
+
+
+def sequence_loss(model: GPT, seq: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the weight tokens only (the SOS and class inputs are given)."""
+    logits = model(seq[:, :-1])[:, 1:]  # the prediction made at the class token is w1
+    targets = seq[:, 2:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def batch_indices(n: int, batch_size: int, iteration: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at `iteration`: epochs of seeded permutations, last partial batch dropped."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, j = divmod(iteration, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[j * batch_size : (j + 1) * batch_size]
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    progress = (it - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1)
+    min_lr = cfg.lr * cfg.min_lr_frac
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("train.device = cuda, but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware runs it fast; None means plain fp32."""
+    if name == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() or name == "bf16" else None
+    if name == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, seqs: torch.Tensor, batch_size: int, device: torch.device, amp: torch.dtype | None) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in seqs.split(batch_size):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = sequence_loss(model, chunk.to(device))
+        total += float(loss) * len(chunk)
+        count += len(chunk)
+    model.train()
+    return total / max(count, 1)
+
+
+def model_config(cfg: TrainConfig, vocab: Vocab, num_params: int) -> GPTConfig:
+    return GPTConfig(block_size=num_params + 2, vocab_size=vocab.size, num_codes=vocab.num_codes,
+                     n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, head_dim=cfg.head_dim,
+                     dropout=cfg.dropout, bias=cfg.bias)
+
+
+def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+    codebook, vocab, spec, tok_id = load_tokenizer(run_dir / TOKENIZER_FILE)
+    tokens, labels = load_tokens(run_dir, tok_id)
+    split = load_split(run_dir)
+    seqs = build_sequences(tokens, labels, vocab)
+    train_seqs = seqs[torch.tensor(split["train"], dtype=torch.long)]
+    val_seqs = seqs[torch.tensor(split["heldout"], dtype=torch.long)]
+
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    model_args = model_config(cfg, vocab, spec.num_params)
+    try:
+        model = GPT(model_args).to(device)
+    except ValueError as exc:
+        raise UsageError(f"train: {exc}") from None
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    ckpt_path = run_dir / CKPT_FILE
+    log_path = run_dir / LOG_FILE
+    start_iter, best_val, elapsed_before = 0, float("inf"), 0.0
+    if ckpt_path.exists():
+        if not resume:
+            raise NefgptError(f"{ckpt_path}: a checkpoint from an earlier training exists; pass --resume to continue from it or --force to start over")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("tokenizer_id") != tok_id:
+            raise ArtifactError(f"{ckpt_path}: trained with another tokenizer ({ckpt.get('tokenizer_id')} vs {tok_id})")
+        if ckpt["model_args"] != model_args.to_dict():
+            raise ArtifactError(f"{ckpt_path}: model settings differ from the config; use --force to restart")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter, best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        _truncate_log(log_path, start_iter)
+    elif log_path.exists():
+        log_path.unlink()
+
+    step_fn = torch.compile(sequence_loss) if cfg.compile else sequence_loss
+    tokens_per_iter = cfg.batch_size * (seqs.shape[1] - 1)
+
+    def save(it: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args.to_dict(),
+            "iter_num": it, "best_val_loss": best_val, "tokenizer_id": tok_id, "config": vars(cfg).copy(),
+            "elapsed_s": elapsed_before + time.time() - t0,
+        })
+
+    t0 = time.time()
+    last_t, train_loss = time.time(), float("nan")
+    bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters, desc="train",
+               disable=not progress)
+    for it in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, cfg)
+        batch = train_seqs[batch_indices(len(train_seqs), cfg.batch_size, it, cfg.seed)].to(device)
+        if cfg.dropout > 0:
+            torch.manual_seed(cfg.seed * 1_000_003 + it)  # dropout masks depend on the iteration only
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = step_fn(model, batch)
+        if not torch.isfinite(loss.detach()):
+            raise NefgptError(f"train: loss became {loss.item()} at iteration {it}; the last good checkpoint is kept in {ckpt_path}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        train_loss = loss.item()
+        done = it + 1
+        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+            val_loss = evaluate_loss(model, val_seqs, cfg.batch_size, device, amp)
+            best_val = min(best_val, val_loss)
+            now = time.time()
+            rate = tokens_per_iter * (done - max(start_iter, done - cfg.eval_interval)) / max(now - last_t, 1e-9)
+            last_t = now
+            _append_log(log_path, [done, f"{lr_at(it, cfg):.6g}", f"{train_loss:.5f}", f"{val_loss:.5f}",
+                                   f"{rate:.0f}", f"{elapsed_before + now - t0:.1f}"])
+            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        if done % cfg.ckpt_interval == 0 or done == cfg.max_iters:
+            save(done)
+
+    final_train = evaluate_loss(model, train_seqs[: len(val_seqs)], cfg.batch_size, device, amp)
+    final_val = evaluate_loss(model, val_seqs, cfg.batch_size, device, amp)
+    summary = {
+        "iterations": cfg.max_iters,
+        "train_loss": final_train,
+        "val_loss": final_val,
+        "best_val_loss": min(best_val, final_val),
+        "num_params": model.num_params(),
+        "device": str(device),
+        "autocast": str(amp) if amp else "fp32",
+        "train_seconds": elapsed_before + time.time() - t0,
+        "tokenizer_id": tok_id,
+    }
+    save_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def train_done(run_dir: Path, cfg: TrainConfig) -> bool:
+    ckpt_path = run_dir / CKPT_FILE
+    if not ckpt_path.exists() or not (run_dir / SUMMARY_FILE).exists():
+        return False
+    return int(load_checkpoint(ckpt_path)["iter_num"]) >= cfg.max_iters
+
+
+def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    ckpt = load_checkpoint(run_dir / CKPT_FILE)
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{run_dir / CKPT_FILE}: does not hold a valid GPT ({str(exc).splitlines()[0][:160]})") from None
+    return model.to(device).eval(), ckpt
+
+
+def _append_log(path: Path, row: list) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(LOG_COLUMNS)
+        writer.writerow(row)
+
+
+def _truncate_log(path: Path, upto: int) -> None:
+    """Drop log rows written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    rows = list(csv.reader(path.open()))
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= upto]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)

@@ -1,0 +1,176 @@
+"""Configuration: presets, overrides and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from nefgpt import config
+from nefgpt.config import RunConfig, apply_overrides, from_dict, load_preset, validate
+from nefgpt.errors import UsageError
+from nefgpt.field import FieldSpec
+from nefgpt.model import GPT
+from nefgpt.tokenizer import Vocab
+from nefgpt.train import model_config
+
+
+@pytest.mark.parametrize("name", config.PRESETS)
+def test_presets_load_and_validate(name):
+    cfg = load_preset(name)
+    assert isinstance(cfg, RunConfig)
+    validate(cfg)
+    assert from_dict(cfg.to_dict(), source="round trip") == cfg
+
+
+def test_preset_names():
+    assert set(config.PRESETS) == {"cpu", "seed", "fashion"}
+    assert load_preset("fashion").data.dataset == "fashion-mnist"
+    assert load_preset("cpu").data.dataset == "mnist"
+
+
+def test_seed_preset_is_the_talks_setup():
+    cfg = load_preset("seed")
+    t = cfg.train
+    assert (t.n_embd, t.n_head, t.n_layer, t.head_dim) == (64, 12, 12, 16)
+    assert t.lr == 3e-3 and t.max_iters == 30_000 and t.batch_size == 64
+    assert cfg.tokenize.num_codes == 245
+    vocab = Vocab(cfg.tokenize.num_codes, 10)
+    assert vocab.size == 245 + 1 + 10 == 256
+    spec = FieldSpec(cfg.fit.octaves, tuple(cfg.fit.hidden))
+    assert spec.num_params == 561
+    gpt_cfg = model_config(t, vocab, spec.num_params)
+    assert gpt_cfg.block_size == 563 and gpt_cfg.vocab_size == 256 and gpt_cfg.num_codes == 245
+    model = GPT(gpt_cfg)  # 12 heads don't divide 64: the decoupled head width makes it build
+    assert model.blocks[0].attn.c_attn.out_features == 3 * 12 * 16
+
+
+def test_cpu_preset_defaults():
+    cfg = load_preset("cpu")
+    assert cfg.fit.hidden == [16, 16] and cfg.fit.octaves == 4 and cfg.fit.init == "shared"
+    assert cfg.sample.top_k == 0 and cfg.sample.top_p == 1.0 and cfg.sample.temperature == 1.0
+
+
+def test_unknown_preset_and_preset_files(tmp_path):
+    with pytest.raises(UsageError, match="nope"):
+        load_preset("nope")
+    with pytest.raises(UsageError, match="missing.toml"):
+        load_preset(str(tmp_path / "missing.toml"))
+    good = tmp_path / "mine.toml"
+    good.write_text("[train]\nmax_iters = 7\n[fit]\nhidden = [8, 8]\n")
+    cfg = load_preset(str(good))
+    assert cfg.train.max_iters == 7 and cfg.fit.hidden == [8, 8]
+    assert cfg.train.n_layer == RunConfig().train.n_layer  # unset keys keep the defaults
+    bad_key = tmp_path / "bad_key.toml"
+    bad_key.write_text("[train]\nmax_iter = 7\n")
+    with pytest.raises(UsageError, match="train.max_iter"):
+        load_preset(str(bad_key))
+    bad_section = tmp_path / "bad_section.toml"
+    bad_section.write_text("[trian]\nmax_iters = 7\n")
+    with pytest.raises(UsageError, match="trian"):
+        load_preset(str(bad_section))
+    not_table = tmp_path / "not_table.toml"
+    not_table.write_text("train = 3\n")
+    with pytest.raises(UsageError, match="train"):
+        load_preset(str(not_table))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\nmax_iters = \n")
+    with pytest.raises(UsageError, match="broken.toml"):
+        load_preset(str(broken))
+
+
+def test_overrides_parse_values():
+    cfg = apply_overrides(RunConfig(), [
+        "train.max_iters=500",
+        "train.lr=1e-4",
+        "train.min_lr_frac=1",  # an int where a float is expected is fine
+        "train.compile=true",
+        "train.bias=false",
+        "fit.hidden=[8, 4, 2]",
+        "data.dataset=npz:/tmp/some file.npz",  # not TOML: taken as a bare string
+        "sample.temperature=0.5",
+        "tokenize.init=random",
+    ])
+    assert cfg.train.max_iters == 500 and type(cfg.train.max_iters) is int
+    assert cfg.train.lr == 1e-4
+    assert cfg.train.min_lr_frac == 1.0 and type(cfg.train.min_lr_frac) is float
+    assert cfg.train.compile is True and cfg.train.bias is False
+    assert cfg.fit.hidden == [8, 4, 2]
+    assert cfg.data.dataset == "npz:/tmp/some file.npz"
+    assert cfg.sample.temperature == 0.5
+    assert cfg.tokenize.init == "random"
+
+
+def test_override_with_equals_in_the_value_and_spaces_around_the_key():
+    cfg = apply_overrides(RunConfig(), [" data.dataset =npz:/tmp/a=b.npz"])
+    assert cfg.data.dataset == "npz:/tmp/a=b.npz"
+
+
+@pytest.mark.parametrize("item,word", [
+    ("train.nope=1", "train.nope"),
+    ("nope.max_iters=1", "nope.max_iters"),
+    ("train=1", "train"),
+    ("train.max_iters", "section.key=value"),
+    ("train.max_iters=abc", "train.max_iters"),
+    ("train.max_iters=1.5", "train.max_iters"),
+    ("train.max_iters=true", "train.max_iters"),
+    ("train.lr=true", "train.lr"),
+    ("train.compile=1", "train.compile"),
+    ("fit.hidden=16", "fit.hidden"),
+    ("fit.hidden=[1.5]", "fit.hidden"),
+    ("fit.init=3", "fit.init"),
+])
+def test_bad_overrides_raise_usage_error(item, word):
+    with pytest.raises(UsageError, match=word.replace(".", r"\.")):
+        apply_overrides(RunConfig(), [item])
+
+
+@pytest.mark.parametrize("item,word", [
+    ("fit.steps=-1", "fit.steps"),
+    ("fit.anchor_steps=-5", "fit.anchor_steps"),
+    ("train.max_iters=-1", "train.max_iters"),
+    ("train.warmup_iters=-1", "train.warmup_iters"),
+    ("tokenize.max_iters=-1", "tokenize.max_iters"),
+    ("data.subset_per_class=-1", "data.subset_per_class"),
+    ("data.heldout_per_class=0", "data.heldout_per_class"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.lr=0", "train.lr"),
+    ("train.lr=nan", "train.lr"),
+    ("train.lr=inf", "train.lr"),
+    ("fit.chunk_size=0", "fit.chunk_size"),
+    ("tokenize.num_codes=0", "tokenize.num_codes"),
+    ("sample.n_per_class=0", "sample.n_per_class"),
+    ("sample.top_k=-1", "sample.top_k"),
+    ("fit.hidden=[]", "fit.hidden"),
+    ("fit.hidden=[16, 0]", "fit.hidden"),
+    ("fit.init=other", "fit.init"),
+    ("train.dtype=fp16", "train.dtype"),
+    ("train.device=tpu", "train.device"),
+    ("tokenize.num_codes=70000", "tokenize.num_codes"),
+])
+def test_invalid_values_raise_usage_error(item, word):
+    with pytest.raises(UsageError, match=word.replace(".", r"\.")):
+        apply_overrides(RunConfig(), [item])
+
+
+@pytest.mark.parametrize("item,word", [
+    ("sample.temperature=-1", "temperature"),
+    ("sample.temperature=nan", "temperature"),
+    ("sample.top_p=0", "top_p"),
+    ("sample.top_p=1.5", "top_p"),
+    ("sample.top_k=246", "top_k"),
+])
+def test_invalid_sampling_values_are_caught_by_validation(item, word):
+    # Rejected with the configuration, before a stage runs or config.json is saved.
+    with pytest.raises(UsageError, match=word):
+        apply_overrides(RunConfig(), [item])
+
+
+def test_zero_steps_are_allowed():
+    cfg = apply_overrides(RunConfig(), ["fit.steps=0", "train.warmup_iters=0", "sample.top_k=0", "sample.temperature=0"])
+    assert cfg.fit.steps == 0 and cfg.train.warmup_iters == 0 and cfg.sample.temperature == 0.0
+
+
+def test_from_dict_rejects_unknown_keys_and_types():
+    with pytest.raises(UsageError, match="config.json"):
+        from_dict({"train": {"max_iters": "many"}}, source="config.json")
+    with pytest.raises(UsageError, match="train.wat"):
+        from_dict({"train": {"wat": 1}}, source="config.json")

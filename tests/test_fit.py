@@ -1,0 +1,227 @@
+"""Stage `fit`: batched field fitting, the split, shared/random init and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nefgpt import field, fit
+from nefgpt.artifacts import load_tensors
+from nefgpt.config import DataConfig, FitConfig
+from nefgpt.errors import ArtifactError
+from nefgpt.field import FieldSpec
+
+SPEC = FieldSpec()
+
+
+def blobs(n: int, res: int = 28, seed: int = 0) -> torch.Tensor:
+    """n images with one soft blob each, at random places."""
+    g = torch.Generator().manual_seed(seed)
+    c = (torch.arange(res) + 0.5) / res
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    centres = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+    d2 = (x[None] - centres[:, 0, None, None]) ** 2 + (y[None] - centres[:, 1, None, None]) ** 2
+    return torch.exp(-d2 / (2 * 0.1**2))
+
+
+def bce(weights: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    feats = field.encode(field.pixel_coords(images.shape[-1]), SPEC.octaves)
+    logits = field.forward(SPEC, weights, feats)
+    return F.binary_cross_entropy_with_logits(logits, images.flatten(1), reduction="none").mean(1)
+
+
+def init(n: int, seed: int = 0) -> torch.Tensor:
+    return field.init_random(SPEC, n, torch.Generator().manual_seed(seed))
+
+
+def test_fit_batch_lowers_loss_and_raises_psnr():
+    images = blobs(3)
+    start = init(3)
+    fitted = fit.fit_batch(SPEC, start, images, steps=60, lr=1e-2)
+    assert fitted.shape == start.shape
+    assert not fitted.requires_grad
+    assert (bce(fitted, images) < bce(start, images) - 0.05).all()
+    before = field.psnr(field.render(SPEC, start), images)
+    after = field.psnr(field.render(SPEC, fitted), images)
+    assert (after > before + 5).all()
+    assert (after > 15).all()
+    # The initial weights are not modified in place.
+    assert torch.equal(start, init(3))
+
+
+def test_fit_batch_with_zero_steps_returns_the_init():
+    start = init(2)
+    assert torch.equal(fit.fit_batch(SPEC, start, blobs(2), steps=0, lr=1e-2), start)
+
+
+def test_batched_fit_equals_fitting_each_field_alone():
+    images = blobs(4, seed=1)
+    start = init(4, seed=1)
+    together = fit.fit_batch(SPEC, start, images, steps=25, lr=1e-2)
+    for i in range(4):
+        alone = fit.fit_batch(SPEC, start[i : i + 1], images[i : i + 1], steps=25, lr=1e-2)
+        torch.testing.assert_close(together[i : i + 1], alone, atol=1e-5, rtol=0)
+    # Shared init (one row expanded to all) behaves the same way.
+    shared = fit.fit_batch(SPEC, start[:1].expand(4, -1), images, steps=10, lr=1e-2)
+    alone = fit.fit_batch(SPEC, start[:1], images[2:3], steps=10, lr=1e-2)
+    torch.testing.assert_close(shared[2:3], alone, atol=1e-5, rtol=0)
+
+
+def fit_cfg(**kw) -> FitConfig:
+    base = dict(steps=8, anchor_steps=15, chunk_size=25, lr=1e-2, anchor_lr=3e-3)
+    base.update(kw)
+    return FitConfig(**base)
+
+
+def data_cfg(npz: Path, **kw) -> DataConfig:
+    return DataConfig(dataset=f"npz:{npz}", heldout_per_class=2, **kw)
+
+
+def test_run_fit_writes_fields_and_a_stratified_split(tiny_npz, tmp_path):
+    run = tmp_path / "run"
+    meta = fit.run_fit(data_cfg(tiny_npz), fit_cfg(), run, progress=False)
+    tensors, stored = load_tensors(run / fit.NEFS_FILE)
+    assert tensors["weights"].shape == (60, 561) and tensors["weights"].dtype == torch.float32
+    assert tensors["psnr"].shape == (60,) and torch.isfinite(tensors["psnr"]).all()
+    assert tensors["labels"].dtype == torch.int64
+    assert stored["psnr_mean"] == pytest.approx(float(tensors["psnr"].mean()), rel=1e-5)
+    assert stored["field"] == SPEC.to_meta() and stored["init"] == "shared"
+    assert meta["psnr_mean"] == pytest.approx(stored["psnr_mean"])
+    assert torch.equal(tensors["anchor"], load_tensors(run / fit.ANCHOR_FILE)[0]["weights"][0])
+    assert not (run / fit.CHUNK_DIR).exists()  # chunks are cleaned up at the end
+
+    split = json.loads((run / fit.SPLIT_FILE).read_text())
+    assert split["dataset"] == f"npz:{tiny_npz}" and split["num_classes"] == 10 and split["image_size"] == 28
+    assert split["indices"] == list(range(60))
+    train, held = split["train"], split["heldout"]
+    assert sorted(train + held) == list(range(60)) and not set(train) & set(held)
+    labels = tensors["labels"]
+    assert torch.bincount(labels[held], minlength=10).tolist() == [2] * 10
+    assert torch.bincount(labels[train], minlength=10).tolist() == [4] * 10
+
+    # Fields are in split order: labels match the dataset's, and the psnr is that of the stored weights.
+    _, images, ds_labels = fit.load_split_images(run)
+    assert torch.equal(labels, ds_labels)
+    torch.testing.assert_close(field.psnr(field.render(SPEC, tensors["weights"]), images), tensors["psnr"])
+
+    nefs, nef_meta = fit.load_nefs(run, SPEC)
+    assert nef_meta["spec"] == SPEC
+    with pytest.raises(ArtifactError, match="nefs.safetensors"):
+        fit.load_nefs(run, FieldSpec(octaves=3))
+
+
+def test_subset_per_class_limits_the_fields(tiny_npz, tmp_path):
+    run = tmp_path / "run"
+    fit.run_fit(data_cfg(tiny_npz, subset_per_class=3), fit_cfg(init="random", steps=1), run, progress=False)
+    tensors, _ = load_tensors(run / fit.NEFS_FILE)
+    assert torch.bincount(tensors["labels"], minlength=10).tolist() == [3] * 10
+    assert len(json.loads((run / fit.SPLIT_FILE).read_text())["heldout"]) == 20
+
+
+def test_shared_init_starts_every_field_at_the_anchor(tiny_npz, tmp_path):
+    run = tmp_path / "shared"
+    fit.run_fit(data_cfg(tiny_npz), fit_cfg(steps=0, anchor_steps=100, anchor_lr=1e-2), run, progress=False)
+    tensors, _ = load_tensors(run / fit.NEFS_FILE)
+    w = tensors["weights"]
+    # With no per-field steps, every field is the anchor, which was fitted to the first training image.
+    assert torch.equal(w, tensors["anchor"].expand_as(w))
+    split = json.loads((run / fit.SPLIT_FILE).read_text())
+    first = split["train"][0]
+    assert tensors["psnr"][first] > tensors["psnr"].median() + 3
+    _, anchor_meta = load_tensors(run / fit.ANCHOR_FILE)
+    assert anchor_meta["image"] == first
+
+
+def test_random_init_gives_distinct_fields_and_no_anchor(tiny_npz, tmp_path):
+    run = tmp_path / "random"
+    fit.run_fit(data_cfg(tiny_npz), fit_cfg(init="random", steps=0), run, progress=False)
+    tensors, meta = load_tensors(run / fit.NEFS_FILE)
+    assert meta["init"] == "random" and "anchor" not in tensors
+    assert not (run / fit.ANCHOR_FILE).exists()
+    w = tensors["weights"]
+    assert len(torch.unique(w[:, 0])) == len(w)  # every field drew its own init
+
+    run2 = tmp_path / "random_fitted"
+    fit.run_fit(data_cfg(tiny_npz), fit_cfg(init="random", steps=30), run2, progress=False)
+    fitted, _ = load_tensors(run2 / fit.NEFS_FILE)
+    assert float(fitted["psnr"].mean()) > float(tensors["psnr"].mean()) + 3
+
+
+def test_shared_init_fits_better_at_equal_steps(tiny_npz, tmp_path):
+    shared, random = tmp_path / "s", tmp_path / "r"
+    fit.run_fit(data_cfg(tiny_npz), fit_cfg(steps=20, anchor_steps=100, anchor_lr=1e-2), shared, progress=False)
+    fit.run_fit(data_cfg(tiny_npz), fit_cfg(steps=20, init="random"), random, progress=False)
+    ps = load_tensors(shared / fit.NEFS_FILE)[0]["psnr"]
+    pr = load_tensors(random / fit.NEFS_FILE)[0]["psnr"]
+    assert torch.isfinite(ps).all() and torch.isfinite(pr).all()
+    # Weight conditioning: starting from a fitted anchor beats a random start at the same budget.
+    assert float(ps.mean()) > float(pr.mean()) + 1
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("init_kind", ["shared", "random"])
+def test_resume_after_a_crash_gives_identical_bytes(tiny_npz, tmp_path, monkeypatch, init_kind):
+    cfg = fit_cfg(init=init_kind, chunk_size=20)  # 60 fields: three chunks
+    whole = tmp_path / "whole"
+    fit.run_fit(data_cfg(tiny_npz), cfg, whole, progress=False)
+
+    real_fit_batch = fit.fit_batch
+    calls = []
+
+    def crashing(*args, **kwargs):
+        calls.append(args[2].shape[0])
+        # shared: anchor, chunk 0, then crash on chunk 1; random: chunk 0, then crash on chunk 1.
+        if len(calls) == (3 if init_kind == "shared" else 2):
+            raise Crash
+        return real_fit_batch(*args, **kwargs)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(fit, "fit_batch", crashing)
+    with pytest.raises(Crash):
+        fit.run_fit(data_cfg(tiny_npz), cfg, part, progress=False)
+    assert not (part / fit.NEFS_FILE).exists()
+    assert sorted(p.name for p in (part / fit.CHUNK_DIR).iterdir()) == ["chunk_0000000.safetensors"]
+
+    calls.clear()
+
+    def counting(*args, **kwargs):
+        calls.append(args[2].shape[0])
+        return real_fit_batch(*args, **kwargs)
+
+    monkeypatch.setattr(fit, "fit_batch", counting)
+    fit.run_fit(data_cfg(tiny_npz), cfg, part, progress=False)
+    assert calls == [20, 20]  # neither the anchor nor the finished chunk is fitted again
+
+    a, _ = load_tensors(whole / fit.NEFS_FILE)
+    b, _ = load_tensors(part / fit.NEFS_FILE)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+
+
+def test_fit_resumes_from_a_kept_chunk_file(tiny_npz, tmp_path):
+    """A chunk left in fit_chunks by an earlier run is used as is rather than refitted."""
+    cfg = fit_cfg(init="random", chunk_size=30)
+    first = tmp_path / "first"
+    fit.run_fit(data_cfg(tiny_npz), cfg, first, progress=False)
+    weights = load_tensors(first / fit.NEFS_FILE)[0]["weights"]
+
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copy(first / fit.SPLIT_FILE, second / fit.SPLIT_FILE)
+    marker = torch.full((30, 561), 0.25)  # not what fitting would give, so we can tell it was reused
+    from nefgpt.artifacts import save_tensors
+
+    save_tensors(second / fit.CHUNK_DIR / "chunk_0000000.safetensors", {"weights": marker}, {"field": SPEC.to_meta()})
+    fit.run_fit(data_cfg(tiny_npz), cfg, second, progress=False)
+    got = load_tensors(second / fit.NEFS_FILE)[0]["weights"]
+    assert torch.equal(got[:30], marker)
+    assert torch.equal(got[30:], weights[30:])

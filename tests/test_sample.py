@@ -1,0 +1,221 @@
+"""Stage `sample`: logit filtering, parameter checks and generation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from nefgpt.errors import UsageError
+from nefgpt.model import GPT, GPTConfig
+from nefgpt.sample import check_sampling, filter_logits, generate
+from nefgpt.tokenizer import Vocab
+
+FAST = settings(max_examples=80, deadline=None)
+# Rows of logits without ties (at least 0.01 apart, so no temperature makes two of them equal in float32).
+distinct_rows = st.lists(st.integers(-800, 800), min_size=2, max_size=30, unique=True).map(
+    lambda xs: np.array(xs, dtype=np.float32) / 100
+)
+
+
+def distinct_logits(v: int, seed: int) -> torch.Tensor:
+    """A row of v logits without ties."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randperm(v, generator=g).float() + torch.rand(v, generator=g) * 0.5)[None]
+
+
+def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The documented pipeline for one row, written out plainly: T, then top-k, then top-p."""
+    z = logits.astype(np.float64) / temperature
+    keep = np.ones(len(z), dtype=bool)
+    if top_k:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    p = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        mass_before = np.cumsum(p[order]) - p[order]
+        kept = order[mass_before < top_p]
+        keep2 = np.zeros(len(z), dtype=bool)
+        keep2[kept] = True
+        p = np.where(keep2, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+@FAST
+@given(arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(2, 30)), elements=st.floats(-8, 8, width=32)))
+def test_temperature_zero_is_one_hot_argmax(logits):
+    x = torch.from_numpy(logits)
+    probs = filter_logits(x, 0.0, 0, 1.0)
+    expected = torch.zeros_like(x)
+    expected[torch.arange(len(x)), x.argmax(dim=1)] = 1
+    assert torch.equal(probs, expected)
+    # top-k and top-p don't matter when greedy.
+    assert torch.equal(filter_logits(x, 0.0, 1, 0.3), expected)
+
+
+@FAST
+@given(arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(2, 30)), elements=st.floats(-8, 8, width=32)),
+       st.floats(0.05, 5.0))
+def test_temperature_scaling_is_softmax_of_scaled_logits(logits, temperature):
+    x = torch.from_numpy(logits)
+    probs = filter_logits(x, temperature, 0, 1.0)
+    torch.testing.assert_close(probs, torch.softmax(x / temperature, dim=1), atol=1e-6, rtol=1e-5)
+
+
+@FAST
+@given(st.integers(2, 40), st.integers(0, 10_000), st.data())
+def test_top_k_keeps_exactly_the_k_largest(v, seed, data):
+    k = data.draw(st.integers(1, v))
+    x = distinct_logits(v, seed)
+    probs = filter_logits(x, 1.0, k, 1.0)[0]
+    kept = probs > 0
+    assert int(kept.sum()) == k
+    assert set(torch.nonzero(kept).flatten().tolist()) == set(x[0].topk(k).indices.tolist())
+    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    # Renormalized softmax over the survivors.
+    torch.testing.assert_close(probs[kept], torch.softmax(x[0][kept], dim=0), atol=1e-6, rtol=1e-5)
+
+
+@FAST
+@given(distinct_rows, st.floats(0.01, 0.999))
+def test_top_p_keeps_the_smallest_prefix_reaching_p(row, p):
+    x = torch.from_numpy(row)[None]
+    full = torch.softmax(x[0].double(), dim=0)
+    sorted_p = full.sort(descending=True).values
+    cum = sorted_p.cumsum(0)
+    assume(bool(((cum - p).abs() > 1e-4).all()))  # no boundary case decided by rounding
+    probs = filter_logits(x, 1.0, 0, p)[0]
+    kept = probs > 0
+    n = int(kept.sum())
+    assert n >= 1
+    # The kept tokens are the n most likely ones, and n is the smallest count whose mass reaches p.
+    assert set(torch.nonzero(kept).flatten().tolist()) == set(full.topk(n).indices.tolist())
+    assert float(cum[n - 1]) >= p or n == len(row)
+    if n > 1:
+        assert float(cum[n - 2]) < p
+    torch.testing.assert_close(probs.double(), torch.from_numpy(reference(row, 1.0, 0, p)), atol=1e-5, rtol=1e-4)
+
+
+def test_top_p_always_keeps_at_least_one_token():
+    x = torch.tensor([[10.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    probs = filter_logits(x, 1.0, 0, 1e-9)
+    assert (probs > 0).sum(dim=1).tolist() == [1, 1]
+    assert probs[0].tolist() == [1.0, 0.0, 0.0]
+
+
+@FAST
+@given(distinct_rows, st.floats(0.2, 3.0), st.floats(0.05, 0.999) | st.just(1.0), st.data())
+def test_composition_matches_the_reference_pipeline(row, temperature, p, data):
+    k = data.draw(st.integers(0, len(row)))
+    ref = reference(row, temperature, k, p)
+    # Skip boundary cases where float rounding decides whether a token survives top-p.
+    z = row.astype(np.float64) / temperature
+    keep = np.ones(len(z), bool) if not k else z >= np.sort(z)[::-1][k - 1]
+    q = np.where(keep, np.exp(z - z.max()), 0)
+    q = np.sort(q / q.sum())[::-1]
+    assume(p == 1.0 or np.all(np.abs(np.cumsum(q) - p) > 1e-4))
+    probs = filter_logits(torch.from_numpy(row)[None], temperature, k, p)[0]
+    torch.testing.assert_close(probs.double(), torch.from_numpy(ref), atol=1e-5, rtol=1e-4)
+
+
+def test_order_is_temperature_then_top_k_then_top_p():
+    x = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])
+    # top-k first: {0.5, 0.3} renormalized to {0.625, 0.375}; top-p 0.6 then keeps only the first.
+    probs = filter_logits(x, 1.0, 2, 0.6)[0]
+    assert probs.tolist() == pytest.approx([1.0, 0.0, 0.0])
+    # (top-p first would keep {0.5, 0.3} and top-k 2 would keep both.)
+    # Temperature before top-p: at T=4 the distribution is flatter and 0.6 needs two tokens.
+    probs = filter_logits(x, 4.0, 0, 0.6)[0]
+    assert int((probs > 0).sum()) == 2
+    flat = torch.softmax(x[0] / 4.0, dim=0)
+    assert float(flat[0]) < 0.6 < float(flat[:2].sum())
+    # Temperature before top-k changes nothing about which tokens survive, only their weights.
+    probs = filter_logits(x, 0.5, 2, 1.0)[0]
+    expected = torch.softmax(x[0, :2] / 0.5, dim=0)
+    torch.testing.assert_close(probs[:2], expected)
+    assert float(probs[2]) == 0.0
+
+
+def test_check_sampling_accepts_valid_values():
+    for t, k, p in [(0.0, 0, 1.0), (1.0, 1, 0.5), (2.5, 245, 1e-3), (1, 10, 1)]:
+        check_sampling(t, k, p, num_codes=245)
+
+
+@pytest.mark.parametrize("t,k,p,word", [
+    (-1.0, 0, 1.0, "temperature"),
+    (-1e-9, 0, 1.0, "temperature"),
+    (float("nan"), 0, 1.0, "temperature"),
+    (float("inf"), 0, 1.0, "temperature"),
+    (1.0, 0, 0.0, "top_p"),
+    (1.0, 0, -0.5, "top_p"),
+    (1.0, 0, 1.5, "top_p"),
+    (1.0, 0, float("nan"), "top_p"),
+    (1.0, -1, 1.0, "top_k"),
+    (1.0, 246, 1.0, "top_k"),
+    (1.0, 10_000, 1.0, "top_k"),
+])
+def test_check_sampling_rejects_invalid_values(t, k, p, word):
+    with pytest.raises(UsageError, match=word):
+        check_sampling(t, k, p, num_codes=245)
+
+
+VOCAB = Vocab(num_codes=12, num_classes=3)
+NUM_WEIGHTS = 20
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=NUM_WEIGHTS + 2, vocab_size=VOCAB.size, num_codes=VOCAB.num_codes,
+                    n_layer=2, n_head=2, n_embd=16)
+    m = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        # Make the special tokens the most attractive rows, were they scoreable at all.
+        m.wte.weight[VOCAB.num_codes:] *= 10
+    return m
+
+
+def gen(model, labels, seed, use_cache=True, temperature=1.0, top_k=0, top_p=1.0):
+    return generate(model, torch.tensor(labels), VOCAB, NUM_WEIGHTS, temperature, top_k, top_p,
+                    torch.Generator().manual_seed(seed), use_cache=use_cache)
+
+
+def test_generate_with_and_without_cache_agree(model):
+    labels = [0, 1, 2, 2]
+    for kw in (dict(), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8), dict(temperature=0.0)):
+        a = gen(model, labels, seed=3, use_cache=True, **kw)
+        b = gen(model, labels, seed=3, use_cache=False, **kw)
+        assert torch.equal(a, b), kw
+
+
+def test_generate_yields_only_code_tokens(model):
+    out = gen(model, [0, 1, 2] * 10, seed=0, temperature=3.0)
+    assert out.shape == (30, NUM_WEIGHTS) and out.dtype == torch.int64
+    assert int(out.min()) >= 0 and int(out.max()) < VOCAB.num_codes
+    assert len(torch.unique(out)) > VOCAB.num_codes // 2  # high temperature explores the codes
+
+
+def test_generate_is_seeded(model):
+    a = gen(model, [0, 1, 2], seed=7)
+    assert torch.equal(a, gen(model, [0, 1, 2], seed=7))
+    assert not torch.equal(a, gen(model, [0, 1, 2], seed=8))
+    # Greedy decoding ignores the seed.
+    assert torch.equal(gen(model, [0, 1], seed=1, temperature=0.0), gen(model, [0, 1], seed=2, temperature=0.0))
+
+
+def test_generate_is_class_conditioned(model):
+    greedy = gen(model, [0, 1, 2], seed=0, temperature=0.0)
+    assert len({tuple(r) for r in greedy.tolist()}) > 1
+
+
+def test_generate_top_k_one_is_greedy(model):
+    assert torch.equal(gen(model, [0, 1, 2], seed=5, top_k=1), gen(model, [0, 1, 2], seed=6, temperature=0.0))

@@ -1,0 +1,246 @@
+"""Stage `train`: sequences, the loss, the data order, the schedule, checkpoints and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nefgpt import train
+from nefgpt.artifacts import save_json, save_tensors
+from nefgpt.config import TrainConfig
+from nefgpt.errors import ArtifactError, NefgptError
+from nefgpt.field import FieldSpec
+from nefgpt.model import GPT, GPTConfig
+from nefgpt.tokenizer import TOKENIZER_FILE, TOKENS_FILE, Vocab, save_tokenizer, tokenizer_id
+
+VOCAB = Vocab(num_codes=8, num_classes=10)
+SPEC = FieldSpec(octaves=1, hidden=(3,))  # 19 weights: sequences of 21 tokens
+
+
+def test_build_sequences_layout():
+    tokens = torch.tensor([[3, 1, 4], [0, 7, 2]], dtype=torch.int16)
+    labels = torch.tensor([5, 0])
+    seq = train.build_sequences(tokens, labels, VOCAB)
+    assert seq.dtype == torch.int64
+    assert seq.tolist() == [[8, 9 + 5, 3, 1, 4], [8, 9 + 0, 0, 7, 2]]
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=SPEC.num_params + 2, vocab_size=VOCAB.size, num_codes=VOCAB.num_codes,
+                          n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def test_sequence_loss_counts_only_weight_tokens():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB.num_codes, (5, SPEC.num_params), generator=g)
+    labels = torch.randint(0, 10, (5,), generator=g)
+    seq = train.build_sequences(tokens, labels, VOCAB)
+    with torch.no_grad():
+        loss = train.sequence_loss(model, seq)
+        logits = model(seq)  # (B, T, num_codes); position i predicts token i + 1
+        manual = torch.stack([
+            F.cross_entropy(logits[b, i], seq[b, i + 1]) for b in range(5) for i in range(1, seq.shape[1] - 1)
+        ]).mean()
+    torch.testing.assert_close(loss, manual, atol=1e-5, rtol=1e-5)
+    assert loss.ndim == 0
+    # The class token is an input that conditions every prediction, not a target.
+    other = seq.clone()
+    other[:, 1] = VOCAB.class_token((labels + 1) % 10)
+    with torch.no_grad():
+        assert abs(float(train.sequence_loss(model, other)) - float(loss)) > 1e-4
+
+
+def test_batch_indices_are_deterministic_and_cover_each_epoch():
+    n, bs = 23, 5
+    per_epoch = n // bs  # 4 batches; the last partial batch is dropped
+    for epoch in range(3):
+        batches = [train.batch_indices(n, bs, epoch * per_epoch + j, seed=1) for j in range(per_epoch)]
+        assert all(len(b) == bs for b in batches)
+        seen = torch.cat(batches)
+        assert len(torch.unique(seen)) == per_epoch * bs  # no index twice within an epoch
+        assert int(seen.max()) < n and int(seen.min()) >= 0
+    assert torch.equal(train.batch_indices(n, bs, 6, seed=1), train.batch_indices(n, bs, 6, seed=1))
+    assert not torch.equal(train.batch_indices(n, bs, 0, seed=1), train.batch_indices(n, bs, 4, seed=1))  # new epoch
+    assert not torch.equal(train.batch_indices(n, bs, 0, seed=1), train.batch_indices(n, bs, 0, seed=2))
+    # Over many epochs every example is drawn.
+    drawn = torch.cat([train.batch_indices(n, bs, it, seed=1) for it in range(40)])
+    assert len(torch.unique(drawn)) == n
+    # Fewer examples than a batch: the whole set, shuffled.
+    small = train.batch_indices(3, 8, 0, seed=0)
+    assert sorted(small.tolist()) == [0, 1, 2]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(lr=1e-2, warmup_iters=10, max_iters=110, min_lr_frac=0.1)
+    lrs = [train.lr_at(it, cfg) for it in range(130)]
+    assert lrs[0] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear warmup ...
+    assert lrs[9] == pytest.approx(1e-2) and lrs[10] == pytest.approx(1e-2)  # ... up to the peak
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # cosine decay
+    assert lrs[60] == pytest.approx(1e-3 + 0.5 * (1e-2 - 1e-3))  # halfway: midpoint of peak and floor
+    assert lrs[110] == pytest.approx(1e-3) and lrs[129] == pytest.approx(1e-3)  # floor afterwards
+    assert train.lr_at(0, TrainConfig(lr=1e-2, warmup_iters=0, max_iters=10)) == pytest.approx(1e-2)
+
+
+def make_run(run: Path, n_per_class: int = 4, heldout_per_class: int = 1, seed: int = 0) -> str:
+    """A run directory with split, tokenizer and tokens whose weights follow their class."""
+    run.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(10).repeat_interleave(n_per_class)
+    pattern = (labels[:, None] * 3 + torch.arange(SPEC.num_params)[None]) % VOCAB.num_codes
+    noise = torch.rand(pattern.shape, generator=g) < 0.1
+    tokens = torch.where(noise, torch.randint(0, VOCAB.num_codes, pattern.shape, generator=g), pattern)
+    codebook = torch.linspace(-1, 1, VOCAB.num_codes)
+    save_tokenizer(run / TOKENIZER_FILE, codebook, VOCAB, SPEC)
+    tid = tokenizer_id(codebook)
+    save_tensors(run / TOKENS_FILE, {"tokens": tokens.to(torch.int16), "labels": labels}, {"tokenizer_id": tid})
+    held = [c * n_per_class + i for c in range(10) for i in range(heldout_per_class)]
+    train_idx = [i for i in range(len(labels)) if i not in held]
+    save_json(run / "split.json", {"dataset": "synthetic", "image_size": 28, "num_classes": 10,
+                                   "indices": list(range(len(labels))), "train": train_idx, "heldout": held})
+    return tid
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(n_layer=1, n_head=2, n_embd=16, batch_size=8, max_iters=12, lr=1e-2, warmup_iters=2,
+                eval_interval=4, ckpt_interval=3, dtype="fp32", device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_log(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_train_lowers_the_loss(tmp_path):
+    run = tmp_path / "run"
+    tid = make_run(run)
+    c = cfg(max_iters=40, eval_interval=10, ckpt_interval=20)
+    summary = train.run_train(c, run, progress=False)
+    start = math.log(VOCAB.num_codes)  # a fresh model is close to uniform over the codes
+    assert summary["train_loss"] < start - 0.5
+    assert summary["val_loss"] < start - 0.5
+    assert summary["iterations"] == 40 and summary["tokenizer_id"] == tid and summary["autocast"] == "fp32"
+    assert json.loads((run / train.SUMMARY_FILE).read_text()) == summary
+
+    log = read_log(run / train.LOG_FILE)
+    assert list(log[0]) == list(train.LOG_COLUMNS)
+    assert [int(r["iter"]) for r in log] == [10, 20, 30, 40]
+    assert float(log[-1]["val_loss"]) < float(log[0]["val_loss"])
+    assert train.train_done(run, c)
+    assert not train.train_done(run, cfg(max_iters=41))
+
+
+def test_checkpoint_is_a_weights_only_dict(tmp_path):
+    run = tmp_path / "run"
+    tid = make_run(run)
+    c = cfg(max_iters=3)
+    train.run_train(c, run, progress=False)
+    ckpt = torch.load(run / train.CKPT_FILE, map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "tokenizer_id", "config"} <= set(ckpt)
+    assert ckpt["iter_num"] == 3 and ckpt["tokenizer_id"] == tid
+    assert ckpt["model_args"] == train.model_config(c, VOCAB, SPEC.num_params).to_dict()
+    assert ckpt["model_args"]["block_size"] == SPEC.num_params + 2 and ckpt["model_args"]["vocab_size"] == 19
+    model, loaded = train.load_model(run)
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k])
+
+
+def interrupted_then_resumed(run: Path, c: TrainConfig, crash_at: int, monkeypatch) -> None:
+    real = train.batch_indices
+
+    class Crash(Exception):
+        pass
+
+    def crashing(n, bs, iteration, seed):
+        if iteration == crash_at:
+            raise Crash
+        return real(n, bs, iteration, seed)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "batch_indices", crashing)
+        with pytest.raises(Crash):
+            train.run_train(c, run, progress=False)
+    ckpt = torch.load(run / train.CKPT_FILE, weights_only=True)
+    assert ckpt["iter_num"] == (crash_at // c.ckpt_interval) * c.ckpt_interval
+    train.run_train(c, run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, dtype):
+    c = cfg(dtype=dtype)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    make_run(whole)
+    make_run(part)
+    train.run_train(c, whole, progress=False)
+    interrupted_then_resumed(part, c, crash_at=7, monkeypatch=monkeypatch)  # checkpoint at 6, crash at 7
+
+    a = torch.load(whole / train.CKPT_FILE, weights_only=True)
+    b = torch.load(part / train.CKPT_FILE, weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for name in sa[k]:
+            assert torch.equal(sa[k][name], sb[k][name]), (k, name)
+    assert a["best_val_loss"] == b["best_val_loss"]
+
+    # The log of the resumed run has each evaluation once, with the same numbers.
+    cols = ("iter", "lr", "train_loss", "val_loss")
+    la = [[r[c] for c in cols] for r in read_log(whole / train.LOG_FILE)]
+    lb = [[r[c] for c in cols] for r in read_log(part / train.LOG_FILE)]
+    assert la == lb and [int(r[0]) for r in la] == [4, 8, 12]
+
+
+def test_existing_checkpoint_needs_resume(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    train.run_train(cfg(max_iters=3), run, progress=False)
+    with pytest.raises(NefgptError, match="--resume"):
+        train.run_train(cfg(max_iters=6), run, progress=False)
+    # Resuming with other model settings is refused, naming the checkpoint.
+    with pytest.raises(ArtifactError, match="ckpt.pt"):
+        train.run_train(cfg(max_iters=6, n_embd=32), run, resume=True, progress=False)
+    # Resuming with the same settings continues to the new end.
+    train.run_train(cfg(max_iters=6), run, resume=True, progress=False)
+    assert torch.load(run / train.CKPT_FILE, weights_only=True)["iter_num"] == 6
+
+
+def test_checkpoint_of_another_tokenizer_is_refused(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    train.run_train(cfg(max_iters=3), run, progress=False)
+    codebook = torch.linspace(-2, 2, VOCAB.num_codes)
+    save_tokenizer(run / TOKENIZER_FILE, codebook, VOCAB, SPEC)
+    with pytest.raises(ArtifactError, match="tokens.safetensors"):
+        train.run_train(cfg(max_iters=6), run, resume=True, progress=False)  # tokens are stale too
+    save_tensors(run / TOKENS_FILE, {"tokens": torch.zeros(40, SPEC.num_params, dtype=torch.int16),
+                                     "labels": torch.arange(10).repeat_interleave(4)},
+                 {"tokenizer_id": tokenizer_id(codebook)})
+    with pytest.raises(ArtifactError, match="ckpt.pt"):
+        train.run_train(cfg(max_iters=6), run, resume=True, progress=False)
+
+
+def test_load_model_refuses_a_checkpoint_without_a_model(tmp_path):
+    torch.save({"model": {"nope": torch.zeros(1)}, "model_args": {"n_layer": 1}}, tmp_path / train.CKPT_FILE)
+    with pytest.raises(ArtifactError, match="ckpt.pt"):
+        train.load_model(tmp_path)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / train.CKPT_FILE)
+    with pytest.raises(ArtifactError, match="ckpt.pt"):
+        train.load_model(tmp_path)
