@@ -53,7 +53,8 @@ def main() -> None:
     error = (matrix[rows, cols].double() - reference).abs().max().item()
 
     loop_rate, batched_rate = args.pairs / loop, n_pairs / batched
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.n}x{args.n} MNIST images ({n_pairs} pairs)")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {args.n}x{args.n} MNIST images ({n_pairs} pairs)")
     print(f"ssim_matrix      : {batched:8.3f} s  {batched_rate:12,.0f} pairs/s  (best of {args.repeats})")
     print(
         f"skimage per pair : {loop:8.3f} s  {loop_rate:12,.0f} pairs/s  "

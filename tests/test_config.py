@@ -46,7 +46,8 @@ def test_seed_preset_is_the_talks_setup():
 def test_cpu_preset_defaults():
     cfg = load_preset("cpu")
     assert cfg.fit.hidden == [16, 16] and cfg.fit.octaves == 4 and cfg.fit.init == "shared"
-    assert cfg.sample.top_k == 0 and cfg.sample.top_p == 1.0 and cfg.sample.temperature == 1.0
+    assert cfg.sample.top_k == 3 and cfg.sample.top_p == 1.0 and cfg.sample.temperature == 1.0
+    assert cfg.data.dataset == "mnist" and cfg.data.heldout_per_class == 50 and cfg.sample.n_per_class == 50
 
 
 def test_unknown_preset_and_preset_files(tmp_path):

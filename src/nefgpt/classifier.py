@@ -49,7 +49,8 @@ class MnistCNN(nn.Module):
         layers: list[nn.Module] = []
         channels = [1, width, 2 * width, 4 * width]
         for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+            conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)  # BatchNorm supplies the bias
+            layers += [conv, nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(4 * width * 3 * 3, NUM_CLASSES)
 
@@ -63,7 +64,8 @@ class MnistCNN(nn.Module):
 
 def _check_data(images: torch.Tensor, labels: torch.Tensor, name: str) -> None:
     if images.dim() != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or not images.is_floating_point():
-        raise UsageError(f"{name} images must be a float tensor (N, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
+        expected = f"(N, {IMAGE_SIZE}, {IMAGE_SIZE})"
+        raise UsageError(f"{name} images must be a float tensor {expected}, got {tuple(images.shape)}")
     if labels.shape != (len(images),) or labels.dtype != torch.int64:
         raise UsageError(f"{name} labels must be int64 of shape ({len(images)},)")
     if len(images) == 0:
@@ -144,7 +146,9 @@ def train_classifier(
 
 
 @torch.no_grad()
-def score_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> dict[str, Any]:
+def score_images(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> dict[str, Any]:
     """Accuracy and mean cross-entropy of ``model`` on labelled images, overall and per class.
 
     Returns {"accuracy", "cross_entropy", "per_class": {"0": {"accuracy",
@@ -200,5 +204,6 @@ def load_classifier(path: str | Path) -> tuple[MnistCNN, dict[str, Any]]:
         model = MnistCNN(width=int(arch["width"]))
         model.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{path}: classifier weights don't match their architecture ({str(exc).splitlines()[0]})") from None
+        reason = str(exc).splitlines()[0]
+        raise ArtifactError(f"{path}: classifier weights don't match their architecture ({reason})") from None
     return model.eval(), meta.get("info", {})

@@ -134,7 +134,8 @@ def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace
             raise ArtifactError(f"{run_dir / i}: file not found; run `nefgpt {_maker(i)} --out {run_dir}` first")
     if name == "sample" and labels:
         check_labels(labels, run_dir)
-    if force:
+    recorded = _stage_record(run_dir).get(name)
+    if force or recorded not in (None, stage_fingerprint(cfg, name)):  # made with other settings
         _clear_outputs(name, run_dir, keep_checkpoint=args.resume)
     t0 = time.time()
     print(f"[{name}] running", file=sys.stderr)

@@ -94,7 +94,7 @@ class SampleConfig:
 @dataclass
 class EvalConfig:
     classifier_epochs: int = 8
-    classifier_batch_size: int = 128
+    classifier_batch_size: int = 64
     classifier_lr: float = 3e-3
     seed: int = 0
 

@@ -238,18 +238,20 @@ def coverage(d_gr: torch.Tensor) -> float:
     return d_gr.argmin(dim=1).unique().numel() / d_gr.shape[1]
 
 
-def _own_set_credit(d_own: torch.Tensor, d_other: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def _own_set_credit(d_own: torch.Tensor, d_other: torch.Tensor, rows_per_step: int = 1024) -> torch.Tensor:
     """Per row of ``d_own``: the fraction of its nearest neighbours (self excluded) in its own set."""
     credit = torch.empty(len(d_own), dtype=torch.float64, device=d_own.device)
-    for start in range(0, len(d_own), chunk):
-        own = d_own[start : start + chunk].clone()
+    # Row blocks bound the extra memory to a copy of rows_per_step rows.
+    for start in range(0, len(d_own), rows_per_step):
+        stop = start + rows_per_step
+        own = d_own[start:stop].clone()
         rows = torch.arange(len(own), device=own.device)
         own[rows, rows + start] = math.inf
-        other = d_other[start : start + chunk]
+        other = d_other[start:stop]
         nearest = torch.minimum(own.min(dim=1).values, other.min(dim=1).values)[:, None]
         n_own = (own == nearest).sum(dim=1).double()
         n_other = (other == nearest).sum(dim=1).double()
-        credit[start : start + chunk] = n_own / (n_own + n_other)
+        credit[start:stop] = n_own / (n_own + n_other)
     return credit
 
 
@@ -270,7 +272,8 @@ def one_nna(d_gg: torch.Tensor, d_rr: torch.Tensor, d_gr: torch.Tensor) -> float
         _check_matrix(d, name)
     n_g, n_r = d_gr.shape
     if d_gg.shape != (n_g, n_g) or d_rr.shape != (n_r, n_r):
-        raise UsageError(f"shapes disagree: d_gg {tuple(d_gg.shape)}, d_rr {tuple(d_rr.shape)}, d_gr {tuple(d_gr.shape)}")
+        shapes = ", ".join(f"{name} {tuple(d.shape)}" for d, name in ((d_gg, "d_gg"), (d_rr, "d_rr"), (d_gr, "d_gr")))
+        raise UsageError(f"shapes disagree: {shapes}")
     correct = _own_set_credit(d_gg, d_gr).sum() + _own_set_credit(d_rr, d_gr.T).sum()
     return (correct / (n_g + n_r)).item()
 
@@ -285,9 +288,9 @@ def set_metrics(generated: torch.Tensor, reference: torch.Tensor, chunk: int | N
     The sets should be the same size, as in the PointFlow protocol: COV and
     1-NNA are only comparable between evaluations that use equal sizes.
     """
-    return _metrics_from(
-        ssim_distance(generated, None, chunk), ssim_distance(reference, None, chunk), ssim_distance(generated, reference, chunk)
-    )
+    d_gg = ssim_distance(generated, None, chunk)
+    d_rr = ssim_distance(reference, None, chunk)
+    return _metrics_from(d_gg, d_rr, ssim_distance(generated, reference, chunk))
 
 
 def set_metrics_by_class(
@@ -318,6 +321,6 @@ def set_metrics_by_class(
         if len(g) and len(r):
             entry.update(_metrics_from(d_gg[g][:, g], d_rr[r][:, r], d_gr[g][:, r]))
         else:
-            entry.update(mmd=None, cov=None, **{"1nna": None})
+            entry.update({"mmd": None, "cov": None, "1nna": None})
         per_class[str(c)] = entry
     return {"overall": _metrics_from(d_gg, d_rr, d_gr), "per_class": per_class}
