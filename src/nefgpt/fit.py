@@ -59,8 +59,11 @@ def fit_batch(
     return weights.detach()
 
 
-def make_split(cfg: DataConfig, run_dir: Path) -> dict:
-    """Load the dataset, pick the subset and the stratified split, and save them."""
+def make_split(cfg: DataConfig, run_dir: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Load the dataset, pick the subset and the stratified split, and save them.
+
+    Returns the split and the images and labels of its fields, in field order.
+    """
     ds = load_dataset(cfg.dataset)
     keep = (
         subset_per_class(ds.labels, cfg.subset_per_class, cfg.seed)
@@ -77,7 +80,7 @@ def make_split(cfg: DataConfig, run_dir: Path) -> dict:
         "heldout": heldout_idx.tolist(),
     }
     save_json(run_dir / SPLIT_FILE, split)
-    return split
+    return split, ds.images[keep], ds.labels[keep]
 
 
 def load_split(run_dir: Path) -> dict:
@@ -116,8 +119,7 @@ def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool 
     if (run_dir / SPLIT_FILE).exists():
         split, images, labels = load_split_images(run_dir)
     else:
-        split = make_split(data_cfg, run_dir)
-        split, images, labels = load_split_images(run_dir)
+        split, images, labels = make_split(data_cfg, run_dir)
     spec = spec_from_config(cfg)
     anchor = None
     if cfg.init == "shared":
@@ -172,7 +174,7 @@ def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool 
 def load_nefs(run_dir: Path, spec: FieldSpec | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Load nefs.safetensors, checking its architecture against `spec` when given."""
     path = run_dir / NEFS_FILE
-    tensors, meta = load_tensors(path, {"weights": torch.float32, "labels": torch.int64})
+    tensors, meta = load_tensors(path, {"weights": torch.float32, "psnr": torch.float32, "labels": torch.int64})
     stored = FieldSpec.from_meta(meta.get("field", {}), str(path))
     if spec is not None:
         spec.check_matches(stored, str(path))

@@ -145,7 +145,7 @@ def run_tokenize(cfg: TokenizerConfig, run_dir: Path, num_classes: int) -> dict:
     _, images, _ = load_split_images(run_dir)
     res = images.shape[-1]
     psnr_q = field.psnr(field.render(spec, quantized, res), images)
-    psnr_f = field.psnr(field.render(spec, weights, res), images)
+    psnr_f = nefs["psnr"]  # stored by `fit` against the same images
     report = {
         **{k: v for k, v in stats.items() if k != "mse_history"},
         "num_codes": vocab.num_codes,
