@@ -292,3 +292,28 @@ def test_entry_point_subprocess(run_copy, tmp_path):
     assert proc.stderr.splitlines() == ["[sample] running", proc.stderr.splitlines()[-1]]
     line = assert_one_error_line(proc.stderr, str(run_copy / "ckpt.pt"))
     assert "weights_only` set to `False" not in line  # never suggest loading it unsafely
+
+
+def test_render_draws_any_field_artifact_at_any_resolution(tmp_path, capsys):
+    from PIL import Image
+
+    from nefgpt import field
+    from nefgpt.artifacts import save_tensors
+
+    spec = field.FieldSpec()
+    weights = field.init_random(spec, 5, torch.Generator().manual_seed(0))
+    art = tmp_path / "fields.safetensors"
+    save_tensors(art, {"weights": weights}, {"field": spec.to_meta()})
+    for res in (28, 64):
+        png = tmp_path / f"r{res}.png"
+        assert main(["render", str(art), "--res", str(res), "-n", "3", "--png", str(png)]) == 0
+        width, height = Image.open(png).size
+        scale = max(1, 128 // res)
+        assert height == res * scale + 4 and width == 3 * (res * scale + 2) + 2
+
+    assert main(["render", str(art), "--res", "4", "--png", str(tmp_path / "x.png")]) == 2
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    assert main(["render", str(tmp_path / "bad.safetensors"), "--png", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("nefgpt: error:") and "bad.safetensors" in err[-1]
+    assert not (tmp_path / "x.png").exists()

@@ -222,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {"fit": "load data, split it, fit one field per image", "tokenize": "learn the codebook, tokenize fields",
              "train": "train the GPT", "sample": "sample fields per class", "evaluate": "score samples",
              "run": "all stages in order"}
+    render = sub.add_parser("render", help="render fields of any field artifact at any resolution",
+                            description="Render the fields of a field artifact (nefs, samples or anchor "
+                                        ".safetensors) at any resolution, as a PNG grid.")
+    render.add_argument("artifact", type=Path, help="a .safetensors file with a 'weights' tensor")
+    render.add_argument("--res", type=int, default=128, help="image side in pixels (default 128)")
+    render.add_argument("-n", type=int, default=16, help="number of fields, from the first (default 16)")
+    render.add_argument("--stride", type=int, default=1, help="take every k-th field (default 1)")
+    render.add_argument("--png", type=Path, required=True, help="output PNG")
+    render.add_argument("--debug", action="store_true", help="show tracebacks")
     for name, text in helps.items():
         p = sub.add_parser(name, parents=[common], help=text, description=text)
         if name in ("sample", "run"):
@@ -239,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "render":
+            from .figures import render_artifact
+
+            n = render_artifact(args.artifact, args.res, args.n, args.png, args.stride)
+            print(f"rendered {n} fields at {args.res}x{args.res} into {args.png}")
+            return 0
         run_dir: Path = args.out
         if args.command != "run" and args.command != "fit" and not run_dir.is_dir():
             raise ArtifactError(f"{run_dir}: run directory not found")

@@ -67,3 +67,29 @@ def save_loss_curve(path: Path, log_csv: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def render_artifact(path: Path, res: int, count: int, png: Path, stride: int = 1) -> int:
+    """Render `count` fields (every `stride`-th) of a field artifact at res x res into a PNG grid; returns the count.
+
+    A field artifact is any safetensors file with a (N, P) float32 ``weights``
+    tensor and the field architecture in its metadata (nefs, samples, anchor).
+    """
+    from . import field
+    from .artifacts import load_tensors
+    from .errors import ArtifactError, UsageError
+
+    if not 8 <= res <= 1024:
+        raise UsageError(f"--res must be between 8 and 1024, got {res}")
+    if count < 1 or stride < 1:
+        raise UsageError(f"-n and --stride must be >= 1, got {count} and {stride}")
+    tensors, meta = load_tensors(path, {"weights": torch.float32})
+    spec = field.FieldSpec.from_meta(meta.get("field", {}), str(path))
+    weights = tensors["weights"].reshape(-1, tensors["weights"].shape[-1])
+    if weights.shape[1] != spec.num_params:
+        raise ArtifactError(f"{path}: weights have {weights.shape[1]} values per field, architecture needs {spec.num_params}")
+    images = field.render(spec, weights[::stride][:count], res)
+    per_row = min(len(images), 10)
+    rows = [list(range(i, min(i + per_row, len(images)))) for i in range(0, len(images), per_row)]
+    save_png(png, image_grid(images, rows, scale=max(1, 128 // res)))
+    return len(images)
