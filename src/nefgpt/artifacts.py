@@ -27,16 +27,24 @@ from .errors import ArtifactError
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: can't write it ({_os_reason(exc)})") from None
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            os.replace(tmp_path, path)
+        except OSError as exc:  # e.g. a full disk: the old file, if any, is untouched
+            raise ArtifactError(f"{path}: can't write it ({_os_reason(exc)}); any previous version is kept") from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        try:
+            tmp_path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -78,7 +86,7 @@ def load_tensors(path: str | Path, expect: dict[str, torch.dtype] | None = None)
 
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
-        meta = {k: json.loads(v) for k, v in raw_meta.items()}
+        meta = {k: json.loads(v, parse_constant=_no_constant) for k, v in raw_meta.items()}
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     for name, dtype in (expect or {}).items():
@@ -112,6 +120,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: not a loadable weights-only checkpoint ({_first_line(exc)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ArtifactError(f"{path}: checkpoint lacks the 'model' and 'model_args' entries")
+    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["model_args"], dict):
+        raise ArtifactError(f"{path}: checkpoint's 'model' and 'model_args' must be dicts")
+    for name, t in ckpt["model"].items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ArtifactError(f"{path}: model weight '{name}' contains NaN or Inf")
     return ckpt
 
 
@@ -129,6 +142,15 @@ def _unpickler_reason(exc: BaseException) -> str:
             if rest:
                 return rest.split(". ")[0][:160]
     return next((x.split(". ")[0][:160] for x in lines if "unsupported" in x.lower()), "unreadable pickle data")
+
+
+def _no_constant(name: str) -> Any:
+    """Metadata never holds NaN or Infinity (json.dumps only writes them for non-finite floats): refuse them."""
+    raise ValueError(f"metadata holds {name}")
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ it. Errors print one line on stderr and exit 1 (runtime) or 2 (usage);
 from __future__ import annotations
 
 import argparse
+import shutil
 import dataclasses
 import hashlib
 import json
@@ -21,6 +22,7 @@ from . import config as config_mod
 from .artifacts import load_json, save_json
 from .config import RunConfig
 from .errors import ArtifactError, NefgptError, UsageError
+from .lock import run_lock
 
 CONFIG_FILE = "config.json"
 
@@ -66,7 +68,7 @@ def is_fresh(run_dir: Path, stage: str, cfg: RunConfig) -> bool:
     """Outputs exist, are newer than the inputs, and were made with the current settings."""
     inputs, outputs = _stage_files()[stage]
     outs = [run_dir / o for o in outputs]
-    if not all(o.exists() for o in outs):
+    if not all(o.exists() for o in outs) or not all((run_dir / i).exists() for i in inputs):
         return False
     if _stage_record(run_dir).get(stage) != stage_fingerprint(cfg, stage):
         return False
@@ -75,7 +77,7 @@ def is_fresh(run_dir: Path, stage: str, cfg: RunConfig) -> bool:
 
 
 def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
-    """Preset (or the run's saved config) + --set overrides, validated and saved."""
+    """Preset (or the run's saved config) + --set overrides, validated."""
     saved = run_dir / CONFIG_FILE
     if args.preset is None and saved.exists():
         cfg = config_mod.from_dict(load_json(saved), source=str(saved))
@@ -83,9 +85,7 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
         cfg = config_mod.load_preset(args.preset or "cpu")
     overrides = list(args.set or [])
     overrides += [f"sample.{k}={v}" for k, v in _sample_overrides(args).items()]
-    config_mod.apply_overrides(cfg, overrides)
-    save_json(saved, cfg.to_dict())
-    return cfg
+    return config_mod.apply_overrides(cfg, overrides)
 
 
 def _sample_overrides(args: argparse.Namespace) -> dict:
@@ -93,7 +93,8 @@ def _sample_overrides(args: argparse.Namespace) -> dict:
     return {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src, None) is not None}
 
 
-def stage_runner(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> Callable[[], dict]:
+def stage_runner(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace,
+                 restart: bool = False) -> Callable[[], dict]:
     progress = not args.quiet
     if name == "fit":
         from .fit import run_fit
@@ -108,7 +109,7 @@ def stage_runner(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namesp
         from .train import LOG_FILE, run_train
 
         def train() -> dict:
-            summary = run_train(cfg.train, run_dir, resume=args.resume, progress=progress)
+            summary = run_train(cfg.train, run_dir, resume=args.resume, progress=progress, restart=restart)
             save_loss_curve(run_dir / "loss.png", run_dir / LOG_FILE)
             return summary
 
@@ -128,23 +129,32 @@ def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace
     if not force and is_fresh(run_dir, name, cfg):
         print(f"[{name}] up to date, skipped (--force redoes it)", file=sys.stderr)
         return
-    inputs, outputs = _stage_files()[name]
-    for i in inputs:
-        if not (run_dir / i).exists():
-            raise ArtifactError(f"{run_dir / i}: file not found; run `nefgpt {_maker(i)} --out {run_dir}` first")
+    check_inputs(name, cfg, run_dir)
     if name == "sample" and labels:
         check_labels(labels, run_dir)
     recorded = _stage_record(run_dir).get(name)
-    if force or recorded not in (None, stage_fingerprint(cfg, name)):  # made with other settings
-        _clear_outputs(name, run_dir, keep_checkpoint=args.resume)
+    redo = force or recorded not in (None, stage_fingerprint(cfg, name))  # made with other settings
+    if redo and name == "fit":
+        _clear_fit(run_dir)  # other stages replace their outputs atomically once their inputs have loaded
     t0 = time.time()
     print(f"[{name}] running", file=sys.stderr)
-    result = stage_runner(name, cfg, run_dir, args)()
+    result = stage_runner(name, cfg, run_dir, args, restart=redo)()
     record = _stage_record(run_dir)
     # Samples of chosen labels only are not what a later `run` expects: record them as different.
     record[name] = stage_fingerprint(cfg, name) + (f"+labels{sorted(labels)}" if labels else "")
     save_json(run_dir / STAGES_FILE, record)
     print(f"[{name}] done in {time.time() - t0:.1f}s: {_brief(result)}", file=sys.stderr)
+
+
+def check_inputs(name: str, cfg: RunConfig, run_dir: Path) -> None:
+    """The stage's input files exist, and the fitted fields have the configured architecture."""
+    from .fit import NEFS_FILE, load_nefs, spec_from_config
+
+    for i in _stage_files()[name][0]:
+        if not (run_dir / i).exists():
+            raise ArtifactError(f"{run_dir / i}: file not found; run `nefgpt {_maker(i)} --out {run_dir}` first")
+    if name != "fit" and (run_dir / NEFS_FILE).exists():
+        load_nefs(run_dir, spec_from_config(cfg.fit))
 
 
 def check_labels(labels: list[int], run_dir: Path) -> None:
@@ -160,18 +170,24 @@ def _maker(filename: str) -> str:
     return next(s for s, (_, outs) in _stage_files().items() if filename in outs)
 
 
-def _clear_outputs(name: str, run_dir: Path, keep_checkpoint: bool) -> None:
-    from .fit import ANCHOR_FILE, CHUNK_DIR, SPLIT_FILE
+def _clear_fit(run_dir: Path) -> None:
+    from .fit import ANCHOR_FILE, CHUNK_DIR, NEFS_FILE, SPLIT_FILE
 
-    extra = {"fit": (SPLIT_FILE, ANCHOR_FILE), "train": ("train_log.csv",)}.get(name, ())
-    for f in (*_stage_files()[name][1], *extra):
-        if keep_checkpoint and f == "ckpt.pt":
-            continue
+    for f in (NEFS_FILE, SPLIT_FILE, ANCHOR_FILE):
         (run_dir / f).unlink(missing_ok=True)
-    if name == "fit" and (run_dir / CHUNK_DIR).is_dir():
-        for p in (run_dir / CHUNK_DIR).iterdir():
-            p.unlink()
-        (run_dir / CHUNK_DIR).rmdir()
+    shutil.rmtree(run_dir / CHUNK_DIR, ignore_errors=True)
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed process left behind.
+
+    Safe only under the run lock: no other process can be writing one now.
+    """
+    from .fit import CHUNK_DIR
+
+    for d in (run_dir, run_dir / CHUNK_DIR):
+        for p in d.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
 
 
 def _brief(result: dict) -> str:
@@ -258,19 +274,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "run" and args.command != "fit" and not run_dir.is_dir():
             raise ArtifactError(f"{run_dir}: run directory not found")
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = resolve_config(args, run_dir)
-        stages = STAGES if args.command == "run" else (args.command,)
-        for stage in stages:
-            run_stage(stage, cfg, run_dir, args)
-        if args.command in ("run", "evaluate"):
-            print(summary_table(run_dir))
+        with run_lock(run_dir):  # two processes writing one run directory would corrupt it
+            remove_stale_temps(run_dir)
+            cfg = resolve_config(args, run_dir)
+            stages = STAGES if args.command == "run" else (args.command,)
+            check_inputs(stages[0], cfg, run_dir)  # before config.json is written: a failed command changes nothing
+            save_json(run_dir / CONFIG_FILE, cfg.to_dict())
+            for stage in stages:
+                run_stage(stage, cfg, run_dir, args)
+            if args.command in ("run", "evaluate"):
+                print(summary_table(run_dir))
     except NefgptError as exc:
         if args.debug:
             raise
         print(f"nefgpt: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("nefgpt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # train raises one that says where its checkpoint is
+        print(f"nefgpt: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

@@ -40,10 +40,17 @@ def balanced_indices(labels: torch.Tensor, per_class: dict[int, int], seed: int)
     return torch.cat(picks).sort().values
 
 
-def load_generated(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rendered images and labels of the sampled fields."""
-    tensors, meta = load_tensors(run_dir / SAMPLES_FILE, {"weights": torch.float32, "labels": torch.int64})
-    spec = field.FieldSpec.from_meta(meta.get("field", {}), str(run_dir / SAMPLES_FILE))
+def load_generated(run_dir: Path, expect: field.FieldSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rendered images and labels of the sampled fields, checked against the architecture `expect`."""
+    path = run_dir / SAMPLES_FILE
+    tensors, meta = load_tensors(path, {"weights": torch.float32, "labels": torch.int64})
+    spec = field.FieldSpec.from_meta(meta.get("field", {}), str(path))
+    if expect is not None:
+        expect.check_matches(spec, str(path))
+    weights, labels = tensors["weights"], tensors["labels"]
+    if weights.ndim != 2 or weights.shape[1] != spec.num_params or labels.shape != (weights.shape[0],):
+        raise ArtifactError(f"{path}: weights {tuple(weights.shape)} and labels {tuple(labels.shape)} don't fit "
+                            f"{spec.num_params} weights per field")
     return field.render(spec, tensors["weights"], 28), tensors["labels"]
 
 
@@ -86,7 +93,7 @@ def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
     if res != 28:
         raise ArtifactError(f"{run_dir}: evaluation expects 28x28 images, the dataset has {res}x{res}")
 
-    gen_images, gen_labels = load_generated(run_dir)
+    gen_images, gen_labels = load_generated(run_dir, spec)
     held_fields = field.render(spec, nefs["weights"][held_idx], res)
     held_labels = labels[held_idx]
     # Equal-size sets per class, as the PointFlow protocol requires.

@@ -17,6 +17,7 @@ ends with the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -165,9 +166,7 @@ def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool 
     if anchor is not None:
         tensors["anchor"] = anchor[0]
     save_tensors(run_dir / NEFS_FILE, tensors, meta)
-    for s in starts:
-        (chunk_dir / f"chunk_{s:07d}.safetensors").unlink()
-    chunk_dir.rmdir()
+    shutil.rmtree(chunk_dir)  # the chunks, and any temporary file a killed run left there
     return meta
 
 
@@ -176,9 +175,11 @@ def load_nefs(run_dir: Path, spec: FieldSpec | None = None) -> tuple[dict[str, t
     path = run_dir / NEFS_FILE
     tensors, meta = load_tensors(path, {"weights": torch.float32, "psnr": torch.float32, "labels": torch.int64})
     stored = FieldSpec.from_meta(meta.get("field", {}), str(path))
-    if spec is not None:
-        spec.check_matches(stored, str(path))
+    if tensors["weights"].ndim != 2:
+        raise ArtifactError(f"{path}: weights must be one row per field, got shape {tuple(tensors['weights'].shape)}")
     if tensors["weights"].shape[1] != stored.num_params:
         raise ArtifactError(f"{path}: weights have {tensors['weights'].shape[1]} columns, architecture needs {stored.num_params}")
+    if spec is not None:
+        spec.check_matches(stored, str(path))
     meta["spec"] = stored
     return tensors, meta

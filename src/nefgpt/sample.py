@@ -43,12 +43,20 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     if temperature == 0:
         probs = torch.zeros_like(logits, dtype=torch.float32)
         return probs.scatter_(1, logits.argmax(dim=1, keepdim=True), 1.0)
-    logits = logits.float() / temperature
+    raw = logits.float()
+    # Shift the maximum to 0 first, so a tiny temperature can't overflow the logits to inf (softmax NaN);
+    # the maxima stay exactly 0 even when the temperature rounds to 0 in float32 (0 / 0 would be NaN).
+    shifted = raw - raw.amax(dim=1, keepdim=True)
+    logits = torch.where(shifted == 0, shifted, shifted / temperature)
     if top_k and top_k < logits.shape[1]:
-        kth = logits.topk(top_k, dim=1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # Shifting and scaling keep the order, so top-k picks on the raw values: rounding after the shift or a
+        # huge temperature could turn distinct logits into ties and let more than k through.
+        kth = raw.topk(top_k, dim=1).values[:, -1:]
+        logits = logits.masked_fill(raw < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=1, descending=True)
+        # Order by the raw logits (the same order, without ties made by rounding), the first maximum first.
+        order = raw.sort(dim=1, descending=True, stable=True).indices
+        sorted_logits = logits.gather(1, order)
         cum = sorted_logits.softmax(dim=1).cumsum(dim=1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
         drop_sorted = (cum - sorted_logits.softmax(dim=1)) >= top_p
@@ -86,6 +94,13 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     model, ckpt = load_model(run_dir)
     if ckpt.get("tokenizer_id") != tok_id:
         raise ArtifactError(f"{run_dir / CKPT_FILE}: trained with another tokenizer than {run_dir / TOKENIZER_FILE}")
+    mc = model.config
+    if (mc.vocab_size, mc.num_codes) != (vocab.size, vocab.num_codes):
+        raise ArtifactError(f"{run_dir / CKPT_FILE}: vocabulary of {mc.vocab_size} tokens ({mc.num_codes} codes) differs "
+                            f"from {run_dir / TOKENIZER_FILE}'s {vocab.size} ({vocab.num_codes} codes)")
+    if mc.block_size != spec.num_params + 2:
+        raise ArtifactError(f"{run_dir / CKPT_FILE}: model generates {mc.block_size - 2} weights, but the field "
+                            f"architecture {spec.to_meta()} in {run_dir / TOKENIZER_FILE} has {spec.num_params}")
     classes = list(range(vocab.num_classes)) if labels is None else labels
     for c in classes:
         if not 0 <= c < vocab.num_classes:

@@ -170,4 +170,7 @@ def load_tokens(run_dir: Path, expected_id: str) -> tuple[torch.Tensor, torch.Te
     tensors, meta = load_tensors(path, {"tokens": torch.int16, "labels": torch.int64})
     if meta.get("tokenizer_id") != expected_id:
         raise ArtifactError(f"{path}: made by another tokenizer; rerun `nefgpt tokenize --force`")
-    return tensors["tokens"].long(), tensors["labels"]
+    tokens, labels = tensors["tokens"], tensors["labels"]
+    if tokens.ndim != 2 or labels.shape != (tokens.shape[0],):
+        raise ArtifactError(f"{path}: tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} don't match")
+    return tokens.long(), labels

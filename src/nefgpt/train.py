@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import csv
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,36 @@ CKPT_FILE = "ckpt.pt"
 LOG_FILE = "train_log.csv"
 SUMMARY_FILE = "train.json"
 LOG_COLUMNS = ("iter", "lr", "train_loss", "val_loss", "tokens_per_s", "elapsed_s")
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after a checkpoint of the last completed iteration was saved."""
+
+
+@contextmanager
+def deferred_sigint() -> Iterator[list[int]]:
+    """Turn Ctrl-C into a flag (a non-empty list) that the training loop checks between steps.
+
+    A KeyboardInterrupt raised mid-step could leave the weights updated but not
+    the optimizer state; deferring it lets the loop save a consistent checkpoint.
+    A second Ctrl-C interrupts at once, keeping the last periodic checkpoint.
+    """
+    hits: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    # Only the main thread may set handlers; an ignored SIGINT (e.g. nohup) stays ignored.
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield hits
+        return
+
+    def handler(signum, frame):
+        hits.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield hits
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def build_sequences(tokens: torch.Tensor, labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
@@ -110,7 +144,9 @@ def model_config(cfg: TrainConfig, vocab: Vocab, num_params: int) -> GPTConfig:
                      dropout=cfg.dropout, bias=cfg.bias)
 
 
-def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+              restart: bool = False) -> dict:
+    """Train, or continue from ``ckpt.pt`` with `resume`; `restart` ignores (and later replaces) it."""
     codebook, vocab, spec, tok_id = load_tokenizer(run_dir / TOKENIZER_FILE)
     tokens, labels = load_tokens(run_dir, tok_id)
     split = load_split(run_dir)
@@ -130,7 +166,7 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
     ckpt_path = run_dir / CKPT_FILE
     log_path = run_dir / LOG_FILE
     start_iter, best_val, elapsed_before = 0, float("inf"), 0.0
-    if ckpt_path.exists():
+    if ckpt_path.exists() and not (restart and not resume):
         if not resume:
             raise NefgptError(f"{ckpt_path}: a checkpoint from an earlier training exists; pass --resume to continue from it or --force to start over")
         ckpt = load_checkpoint(ckpt_path)
@@ -143,8 +179,8 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
         start_iter, best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
         elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         _truncate_log(log_path, start_iter)
-    elif log_path.exists():
-        log_path.unlink()
+    else:
+        log_path.unlink(missing_ok=True)
 
     step_fn = torch.compile(sequence_loss) if cfg.compile else sequence_loss
     tokens_per_iter = cfg.batch_size * (seqs.shape[1] - 1)
@@ -160,34 +196,39 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
     last_t, train_loss = time.time(), float("nan")
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters, desc="train",
                disable=not progress)
-    for it in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, cfg)
-        batch = train_seqs[batch_indices(len(train_seqs), cfg.batch_size, it, cfg.seed)].to(device)
-        if cfg.dropout > 0:
-            torch.manual_seed(cfg.seed * 1_000_003 + it)  # dropout masks depend on the iteration only
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = step_fn(model, batch)
-        if not torch.isfinite(loss.detach()):
-            raise NefgptError(f"train: loss became {loss.item()} at iteration {it}; the last good checkpoint is kept in {ckpt_path}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        train_loss = loss.item()
-        done = it + 1
-        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-            val_loss = evaluate_loss(model, val_seqs, cfg.batch_size, device, amp)
-            best_val = min(best_val, val_loss)
-            now = time.time()
-            rate = tokens_per_iter * (done - max(start_iter, done - cfg.eval_interval)) / max(now - last_t, 1e-9)
-            last_t = now
-            _append_log(log_path, [done, f"{lr_at(it, cfg):.6g}", f"{train_loss:.5f}", f"{val_loss:.5f}",
-                                   f"{rate:.0f}", f"{elapsed_before + now - t0:.1f}"])
-            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-        if done % cfg.ckpt_interval == 0 or done == cfg.max_iters:
-            save(done)
+    with deferred_sigint() as interrupted, bar:
+        for it in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, cfg)
+            batch = train_seqs[batch_indices(len(train_seqs), cfg.batch_size, it, cfg.seed)].to(device)
+            if cfg.dropout > 0:
+                torch.manual_seed(cfg.seed * 1_000_003 + it)  # dropout masks depend on the iteration only
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = step_fn(model, batch)
+            if not torch.isfinite(loss.detach()):
+                raise NefgptError(f"train: loss became {loss.item()} at iteration {it}; the last good checkpoint is kept in {ckpt_path}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            train_loss = loss.item()
+            done = it + 1
+            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+                val_loss = evaluate_loss(model, val_seqs, cfg.batch_size, device, amp)
+                best_val = min(best_val, val_loss)
+                now = time.time()
+                rate = tokens_per_iter * (done - max(start_iter, done - cfg.eval_interval)) / max(now - last_t, 1e-9)
+                last_t = now
+                _append_log(log_path, [done, f"{lr_at(it, cfg):.6g}", f"{train_loss:.5f}", f"{val_loss:.5f}",
+                                       f"{rate:.0f}", f"{elapsed_before + now - t0:.1f}"])
+                bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+            # Checked only here, between steps, so an interrupted checkpoint is exactly the state after `done`.
+            if interrupted or done % cfg.ckpt_interval == 0 or done == cfg.max_iters:
+                save(done)
+            if interrupted:
+                raise TrainInterrupted(f"interrupted at iteration {done}; checkpoint saved to {ckpt_path} "
+                                       "(resume with --resume)")
 
     final_train = evaluate_loss(model, train_seqs[: len(val_seqs)], cfg.batch_size, device, amp)
     final_val = evaluate_loss(model, val_seqs, cfg.batch_size, device, amp)
