@@ -9,10 +9,10 @@ it. Errors print one line on stderr and exit 1 (runtime) or 2 (usage);
 from __future__ import annotations
 
 import argparse
-import shutil
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -129,7 +129,7 @@ def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace
     if not force and is_fresh(run_dir, name, cfg):
         print(f"[{name}] up to date, skipped (--force redoes it)", file=sys.stderr)
         return
-    check_inputs(name, cfg, run_dir)
+    check_inputs(name, run_dir)
     if name == "sample" and labels:
         check_labels(labels, run_dir)
     recorded = _stage_record(run_dir).get(name)
@@ -146,14 +146,17 @@ def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace
     print(f"[{name}] done in {time.time() - t0:.1f}s: {_brief(result)}", file=sys.stderr)
 
 
-def check_inputs(name: str, cfg: RunConfig, run_dir: Path) -> None:
-    """The stage's input files exist, and the fitted fields have the configured architecture."""
-    from .fit import NEFS_FILE, load_nefs, spec_from_config
-
+def check_inputs(name: str, run_dir: Path) -> None:
     for i in _stage_files()[name][0]:
         if not (run_dir / i).exists():
             raise ArtifactError(f"{run_dir / i}: file not found; run `nefgpt {_maker(i)} --out {run_dir}` first")
-    if name != "fit" and (run_dir / NEFS_FILE).exists():
+
+
+def check_architecture(cfg: RunConfig, run_dir: Path) -> None:
+    """Fields fitted earlier must have the configured architecture (a `run` fits them itself)."""
+    from .fit import NEFS_FILE, load_nefs, spec_from_config
+
+    if (run_dir / NEFS_FILE).exists():
         load_nefs(run_dir, spec_from_config(cfg.fit))
 
 
@@ -278,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             remove_stale_temps(run_dir)
             cfg = resolve_config(args, run_dir)
             stages = STAGES if args.command == "run" else (args.command,)
-            check_inputs(stages[0], cfg, run_dir)  # before config.json is written: a failed command changes nothing
+            # Checked before config.json is written, so a failed command changes nothing.
+            check_inputs(stages[0], run_dir)
+            if args.command not in ("fit", "run"):
+                check_architecture(cfg, run_dir)
             save_json(run_dir / CONFIG_FILE, cfg.to_dict())
             for stage in stages:
                 run_stage(stage, cfg, run_dir, args)

@@ -48,10 +48,10 @@ def load_generated(run_dir: Path, expect: field.FieldSpec | None = None) -> tupl
     if expect is not None:
         expect.check_matches(spec, str(path))
     weights, labels = tensors["weights"], tensors["labels"]
-    if weights.ndim != 2 or weights.shape[1] != spec.num_params or labels.shape != (weights.shape[0],):
-        raise ArtifactError(f"{path}: weights {tuple(weights.shape)} and labels {tuple(labels.shape)} don't fit "
-                            f"{spec.num_params} weights per field")
-    return field.render(spec, tensors["weights"], 28), tensors["labels"]
+    spec.check_weights(weights, str(path))
+    if labels.shape != (weights.shape[0],):
+        raise ArtifactError(f"{path}: {tuple(labels.shape)} labels for {weights.shape[0]} fields")
+    return field.render(spec, weights, 28), labels
 
 
 def get_classifier(run_dir: Path, cfg: EvalConfig, train_images, train_labels, val_images, val_labels, progress: bool):

@@ -60,6 +60,13 @@ class FieldSpec:
             raise ArtifactError(f"{source}: missing or invalid field architecture ({exc})") from None
         return spec
 
+    def check_weights(self, weights: torch.Tensor, source: str) -> None:
+        """Weights must be one row of `num_params` values per field."""
+        if weights.ndim != 2:
+            raise ArtifactError(f"{source}: weights must be one row per field, got shape {tuple(weights.shape)}")
+        if weights.shape[1] != self.num_params:
+            raise ArtifactError(f"{source}: weights have {weights.shape[1]} columns, architecture needs {self.num_params}")
+
     def check_matches(self, other: FieldSpec, source: str) -> None:
         if self != other:
             raise ArtifactError(

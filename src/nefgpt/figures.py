@@ -77,7 +77,7 @@ def render_artifact(path: Path, res: int, count: int, png: Path, stride: int = 1
     """
     from . import field
     from .artifacts import load_tensors
-    from .errors import ArtifactError, UsageError
+    from .errors import UsageError
 
     if not 8 <= res <= 1024:
         raise UsageError(f"--res must be between 8 and 1024, got {res}")
@@ -85,9 +85,8 @@ def render_artifact(path: Path, res: int, count: int, png: Path, stride: int = 1
         raise UsageError(f"-n and --stride must be >= 1, got {count} and {stride}")
     tensors, meta = load_tensors(path, {"weights": torch.float32})
     spec = field.FieldSpec.from_meta(meta.get("field", {}), str(path))
-    weights = tensors["weights"].reshape(-1, tensors["weights"].shape[-1])
-    if weights.shape[1] != spec.num_params:
-        raise ArtifactError(f"{path}: weights have {weights.shape[1]} values per field, architecture needs {spec.num_params}")
+    weights = tensors["weights"]
+    spec.check_weights(weights, str(path))
     images = field.render(spec, weights[::stride][:count], res)
     per_row = min(len(images), 10)
     rows = [list(range(i, min(i + per_row, len(images)))) for i in range(0, len(images), per_row)]

@@ -175,10 +175,7 @@ def load_nefs(run_dir: Path, spec: FieldSpec | None = None) -> tuple[dict[str, t
     path = run_dir / NEFS_FILE
     tensors, meta = load_tensors(path, {"weights": torch.float32, "psnr": torch.float32, "labels": torch.int64})
     stored = FieldSpec.from_meta(meta.get("field", {}), str(path))
-    if tensors["weights"].ndim != 2:
-        raise ArtifactError(f"{path}: weights must be one row per field, got shape {tuple(tensors['weights'].shape)}")
-    if tensors["weights"].shape[1] != stored.num_params:
-        raise ArtifactError(f"{path}: weights have {tensors['weights'].shape[1]} columns, architecture needs {stored.num_params}")
+    stored.check_weights(tensors["weights"], str(path))
     if spec is not None:
         spec.check_matches(stored, str(path))
     meta["spec"] = stored
