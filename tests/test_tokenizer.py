@@ -187,7 +187,7 @@ def test_corrupt_or_invalid_tokenizer_raises_artifact_error(tmp_path):
 
 def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
     run = tmp_path / "run"
-    fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2),
+    fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
                 FitConfig(steps=5, anchor_steps=10, init="random"), run, progress=False)
     report = tokenizer.run_tokenize(TokenizerConfig(num_codes=32, max_iters=20), run, num_classes=10)
     codebook, vocab, spec, tid = tokenizer.load_tokenizer(run / tokenizer.TOKENIZER_FILE)

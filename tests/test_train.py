@@ -5,16 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nefgpt import train
+from nefgpt import distributed, train
 from nefgpt.artifacts import save_json, save_tensors
-from nefgpt.config import TrainConfig
-from nefgpt.errors import ArtifactError, NefgptError
+from nefgpt.config import RunConfig, TrainConfig, apply_overrides
+from nefgpt.errors import ArtifactError, NefgptError, UsageError
 from nefgpt.field import FieldSpec
 from nefgpt.model import GPT, GPTConfig
 from nefgpt.tokenizer import TOKENIZER_FILE, TOKENS_FILE, Vocab, save_tokenizer, tokenizer_id
@@ -180,9 +182,9 @@ def interrupted_then_resumed(run: Path, c: TrainConfig, crash_at: int, monkeypat
     train.run_train(c, run, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, dtype):
-    c = cfg(dtype=dtype)
+@pytest.mark.parametrize("dtype,p_uncond", [("fp32", 0.0), ("bf16", 0.0), ("fp32", 0.3)])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, dtype, p_uncond):
+    c = cfg(dtype=dtype, p_uncond=p_uncond)
     whole, part = tmp_path / "whole", tmp_path / "part"
     make_run(whole)
     make_run(part)
@@ -244,3 +246,79 @@ def test_load_model_refuses_a_checkpoint_without_a_model(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / train.CKPT_FILE)
     with pytest.raises(ArtifactError, match="ckpt.pt"):
         train.load_model(tmp_path)
+
+
+def test_null_class_dropout_is_seeded_per_iteration_and_shards_like_the_global_batch():
+    g = torch.Generator().manual_seed(0)
+    seqs = train.build_sequences(torch.randint(0, VOCAB.num_codes, (40, 5), generator=g), torch.arange(40) % 10, VOCAB)
+    before = seqs.clone()
+    c, plain_cfg = cfg(p_uncond=0.3), cfg()
+    batch = train.training_batch(seqs, c, 5, VOCAB.sos)
+    assert torch.equal(batch, train.training_batch(seqs, c, 5, VOCAB.sos))  # a pure function of (seed, iteration)
+    plain = train.training_batch(seqs, plain_cfg, 5, VOCAB.sos)
+    assert torch.equal(seqs, before)  # the training set itself is never changed
+    assert (plain[:, 1] != VOCAB.sos).all()
+    dropped = batch[:, 1] == VOCAB.sos
+    assert torch.equal(batch[~dropped], plain[~dropped])  # the same batch, only class tokens replaced
+    assert torch.equal(batch[:, [0, *range(2, 7)]], plain[:, [0, *range(2, 7)]])
+    # About p of the sequences, in different places at different iterations.
+    masks = torch.stack([train.null_class_mask(8, it, c) for it in range(400)])
+    assert 0.25 < float(masks.float().mean()) < 0.35
+    assert len({tuple(m.tolist()) for m in masks}) > 100
+    assert not train.null_class_mask(8, 3, plain_cfg).any() and train.null_class_mask(8, 3, cfg(conditioning="none")).all()
+    # Each rank's share: its contiguous part of the same global batch, so together they are the global batch.
+    shards = [train.training_batch(seqs, c, 5, VOCAB.sos, SimpleNamespace(shard=lambda n, r=r: distributed.Group.shard(
+        SimpleNamespace(rank=r, world_size=2), n))) for r in range(2)]
+    assert [len(x) for x in shards] == [4, 4] and torch.equal(torch.cat(shards), batch)
+
+
+def test_p_uncond_must_be_a_share():
+    for bad in ("-0.1", "1.5", "nan", "inf"):
+        with pytest.raises(UsageError, match="train.p_uncond"):
+            apply_overrides(RunConfig(), [f"train.p_uncond={bad}"])
+    for good in ("0", "0.1", "1"):
+        assert apply_overrides(RunConfig(), [f"train.p_uncond={good}"]).train.p_uncond == float(good)
+
+
+def test_unconditional_training_sees_only_the_null_class(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    make_run(run)
+    seen = []
+    real = train.sequence_loss
+    monkeypatch.setattr(train, "sequence_loss", lambda model, seq: seen.append(seq[:, 1].clone()) or real(model, seq))
+    summary = train.run_train(cfg(conditioning="none", max_iters=4), run, progress=False)
+    assert summary["conditioning"] == "none" and summary["processes"] == 1
+    assert len(seen) >= 4 and all((s == VOCAB.sos).all() for s in seen)  # training and held-out batches
+    assert torch.load(run / train.CKPT_FILE, weights_only=True)["config"]["conditioning"] == "none"
+
+
+def test_tensorboard_scalars_follow_the_csv_log_and_resume(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    make_run(whole)
+    make_run(part)
+    c = cfg()
+    train.run_train(c, whole, progress=False)
+    interrupted_then_resumed(part, c, crash_at=7, monkeypatch=monkeypatch)  # events 7.. of the first try are purged
+    for run in (whole, part):
+        acc = EventAccumulator(str(run / train.TB_DIR))
+        acc.Reload()
+        assert {"train/loss", "val/loss", "lr", "tokens_per_s"} <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
+        log = read_log(run / train.LOG_FILE)
+        assert [e.step for e in acc.Scalars("val/loss")] == [int(r["iter"]) for r in log]
+        assert [round(e.value, 5) for e in acc.Scalars("val/loss")] == [float(r["val_loss"]) for r in log]
+    values = [[e.value for e in EventAccumulator(str(r / train.TB_DIR)).Reload().Scalars("train/loss")]
+              for r in (whole, part)]
+    assert values[0] == values[1]
+
+
+def test_without_tensorboard_only_the_csv_log_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    run = tmp_path / "run"
+    make_run(run)
+    train.run_train(cfg(max_iters=4), run, progress=False)
+    assert not (run / train.TB_DIR).exists()
+    assert [int(r["iter"]) for r in read_log(run / train.LOG_FILE)] == [4]

@@ -9,6 +9,7 @@ it. Errors print one line on stderr and exit 1 (runtime) or 2 (usage);
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -34,28 +35,41 @@ def _stage_files() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     from .sample import IMAGES_FILE, SAMPLES_FILE
     from .tokenizer import TOKENIZER_FILE, TOKENS_FILE
     from .train import CKPT_FILE, SUMMARY_FILE
+    from .tune import TUNE_FILE
 
     return {
         "fit": ((), (NEFS_FILE,)),
         "tokenize": ((NEFS_FILE,), (TOKENIZER_FILE, TOKENS_FILE)),
         "train": ((TOKENS_FILE,), (CKPT_FILE, SUMMARY_FILE)),
+        "tune": ((CKPT_FILE,), (TUNE_FILE,)),
         "sample": ((CKPT_FILE,), (SAMPLES_FILE, IMAGES_FILE)),
         "evaluate": ((SAMPLES_FILE,), (METRICS_FILE,)),
     }
 
 
-STAGES = ("fit", "tokenize", "train", "sample", "evaluate")
+STAGES = ("fit", "tokenize", "train", "tune", "sample", "evaluate")
 
 
 # The config sections each stage depends on directly; upstream changes reach it through file times.
-STAGE_SECTIONS = {"fit": ("data", "fit"), "tokenize": ("tokenize",), "train": ("train",),
+STAGE_SECTIONS = {"fit": ("data", "fit"), "tokenize": ("tokenize",),
+                  "train": ("train", "diffusion", "regression", "baseline"), "tune": ("tune",),
                   "sample": ("sample",), "evaluate": ("evaluate",)}
+SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 STAGES_FILE = "stages.json"
 
 
+# Settings read only when sampling, though they live in a model's section.
+SAMPLING_ONLY = {("regression", "noise"), ("diffusion", "sample_steps"), ("diffusion", "eta"), ("diffusion", "clip_x0")}
+
+
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:
-    sections = {name: getattr(cfg, name) for name in STAGE_SECTIONS[stage]}
-    blob = json.dumps({k: dataclasses.asdict(v) for k, v in sections.items()}, sort_keys=True)
+    sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in STAGE_SECTIONS[stage]}
+    for section, key in SAMPLING_ONLY:
+        if stage == "sample":
+            sections[f"{section}.{key}"] = getattr(getattr(cfg, section), key)
+        elif section in sections:
+            sections[section].pop(key, None)
+    blob = json.dumps(sections, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -85,7 +99,22 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
         cfg = config_mod.load_preset(args.preset or "cpu")
     overrides = list(args.set or [])
     overrides += [f"sample.{k}={v}" for k, v in _sample_overrides(args).items()]
+    # A sampling setting given by hand wins over the one `tune` chose.
+    if any(o.split("=", 1)[0].strip() in {f"sample.{k}" for k in SAMPLING_KEYS} for o in overrides):
+        overrides.append("sample.use_tuned=false")
     return config_mod.apply_overrides(cfg, overrides)
+
+
+def sampling_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """The config with the tuned sampling setting filled in, when the run has one and may use it."""
+    from .tune import TUNE_FILE, load_best_setting
+
+    if cfg.train.model != "gpt" or not cfg.sample.use_tuned or not (run_dir / TUNE_FILE).exists():
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    for key, value in load_best_setting(run_dir).items():
+        setattr(cfg.sample, key, value)
+    return cfg
 
 
 def _sample_overrides(args: argparse.Namespace) -> dict:
@@ -96,6 +125,18 @@ def _sample_overrides(args: argparse.Namespace) -> dict:
 def stage_runner(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace,
                  restart: bool = False) -> Callable[[], dict]:
     progress = not args.quiet
+    model = cfg.train.model
+    if model != "gpt" and name in ("train", "sample"):
+        from .baselines import baseline_module
+
+        mod = baseline_module(model)
+        if name == "train":
+            return lambda: mod.train(cfg, run_dir, progress, resume=args.resume)
+        return lambda: mod.sample(cfg, run_dir, progress, getattr(args, "label", None))
+    if name == "tune":
+        from .tune import run_tune
+
+        return lambda: run_tune(cfg, run_dir, progress)
     if name == "fit":
         from .fit import run_fit
 
@@ -124,6 +165,11 @@ def stage_runner(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namesp
 
 
 def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> None:
+    if name == "tune" and cfg.train.model != "gpt":
+        print(f"[tune] skipped: it tunes the GPT's sampling, this run's model is {cfg.train.model}", file=sys.stderr)
+        return
+    if name == "sample":
+        cfg = sampling_config(cfg, run_dir)
     labels = getattr(args, "label", None)
     force = args.force or (name == "sample" and bool(labels))
     if not force and is_fresh(run_dir, name, cfg):
@@ -135,7 +181,11 @@ def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace
     recorded = _stage_record(run_dir).get(name)
     redo = force or recorded not in (None, stage_fingerprint(cfg, name))  # made with other settings
     if redo and name == "fit":
-        _clear_fit(run_dir)  # other stages replace their outputs atomically once their inputs have loaded
+        _clear_fit(run_dir)
+    if redo and name in ("fit", "evaluate"):
+        from .evaluate import CLASSIFIER_FILE
+
+        (run_dir / CLASSIFIER_FILE).unlink(missing_ok=True)  # trained on this split with these settings  # other stages replace their outputs atomically once their inputs have loaded
     t0 = time.time()
     print(f"[{name}] running", file=sys.stderr)
     result = stage_runner(name, cfg, run_dir, args, restart=redo)()
@@ -161,9 +211,9 @@ def check_architecture(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def check_labels(labels: list[int], run_dir: Path) -> None:
-    from .fit import load_split
+    from .tokenizer import TOKENIZER_FILE, load_tokenizer
 
-    num_classes = int(load_split(run_dir)["num_classes"])
+    num_classes = load_tokenizer(run_dir / TOKENIZER_FILE)[1].num_classes
     for c in labels:
         if not 0 <= c < num_classes:
             raise UsageError(f"--label {c}: not a class of this run (0..{num_classes - 1})")
@@ -200,15 +250,19 @@ def _brief(result: dict) -> str:
 
 
 def summary_table(run_dir: Path) -> str:
-    """The headline numbers of a run as a Markdown table."""
+    """The headline numbers of a run as a Markdown table (rows whose artifacts are missing are left out)."""
     fit = _read_meta(run_dir / "nefs.safetensors")
-    tok = load_json(run_dir / "tokenizer.json")
-    train = load_json(run_dir / "train.json")
+    tok = _maybe_json(run_dir / "tokenizer.json")
+    train = _maybe_json(run_dir / "train.json")
     m = load_json(run_dir / "metrics.json")
-    rows = [
-        ("fitting PSNR (dB, mean)", f"{fit['psnr_mean']:.2f}"),
-        ("quantized PSNR (dB, mean)", f"{tok['psnr_quantized_mean']:.2f}"),
-        ("train / val cross-entropy (nats)", f"{train['train_loss']:.3f} / {train['val_loss']:.3f}"),
+    rows = [("fitting PSNR (dB, mean)", f"{fit['psnr_mean']:.2f}")]
+    if "psnr_quantized_mean" in tok:
+        rows.append(("quantized PSNR (dB, mean)", f"{tok['psnr_quantized_mean']:.2f}"))
+    if "train_loss" in train and "val_loss" in train:
+        # Baselines say what their loss is; the GPT's is the cross-entropy per weight token.
+        what = train.get("loss", "cross-entropy (nats)")
+        rows.append((f"train / val loss: {what}", f"{train['train_loss']:.3f} / {train['val_loss']:.3f}"))
+    rows += [
         ("classifier accuracy of samples", f"{m['accuracy']:.1%}"),
         ("classifier cross-entropy of samples", f"{m['cross_entropy']:.3f}"),
         ("classifier held-out accuracy (real images)", f"{m['classifier_heldout_accuracy']:.1%}"),
@@ -221,6 +275,10 @@ def summary_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _maybe_json(path: Path) -> dict:
+    return load_json(path) if path.exists() else {}
+
+
 def _read_meta(path: Path) -> dict:
     from .artifacts import load_tensors
 
@@ -231,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nefgpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", "-o", required=True, type=Path, help="run directory")
+    common.add_argument("--out", "-o", type=Path, help="run directory (required)")
     common.add_argument("--preset", help="cpu (default), seed, fashion, or a .toml file")
     common.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     common.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
@@ -239,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     helps = {"fit": "load data, split it, fit one field per image", "tokenize": "learn the codebook, tokenize fields",
-             "train": "train the GPT", "sample": "sample fields per class", "evaluate": "score samples",
-             "run": "all stages in order"}
+             "train": "train the GPT (or a baseline: --set train.model=...)",
+             "tune": "search sampling settings against the tuning split",
+             "sample": "sample fields per class", "evaluate": "score samples",
+             "run": "all stages in order, then the HTML report"}
     render = sub.add_parser("render", help="render fields of any field artifact at any resolution",
                             description="Render the fields of a field artifact (nefs, samples or anchor "
                                         ".safetensors) at any resolution, as a PNG grid.")
@@ -260,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, help="sampling seed")
         if name == "sample":
             p.add_argument("--label", type=int, action="append", help="sample only this class (repeatable)")
+            p.add_argument("--pretrained", metavar="NAME",
+                           help="sample from a shipped model (mnist); --out defaults to runs/pretrained-NAME")
+    compare = sub.add_parser("compare", help="one table of the metrics of several runs (Markdown + JSON)",
+                             description="Compare evaluated runs (the GPT and baselines) in one table.")
+    compare.add_argument("runs", type=Path, nargs="+", help="evaluated run directories")
+    compare.add_argument("--md", type=Path, help="write the Markdown table here")
+    compare.add_argument("--json", type=Path, help="write the table as JSON here")
+    compare.add_argument("--debug", action="store_true", help="show tracebacks")
+    report = sub.add_parser("report", help="write a self-contained report.html for a run",
+                            description="Write RUN_DIR/report.html: config, metrics, figures, images embedded.")
+    report.add_argument("run", type=Path, help="an evaluated run directory")
+    report.add_argument("--baseline", type=Path, action="append", default=[],
+                        help="an evaluated baseline run to include in the comparison table (repeatable)")
+    report.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -273,11 +347,31 @@ def main(argv: list[str] | None = None) -> int:
             n = render_artifact(args.artifact, args.res, args.n, args.png, args.stride)
             print(f"rendered {n} fields at {args.res}x{args.res} into {args.png}")
             return 0
+        if args.command == "compare":
+            from .compare import compare_runs
+
+            print(compare_runs(args.runs, md_path=args.md, json_path=args.json))
+            return 0
+        if args.command == "report":
+            from .report import write_report
+
+            print(f"report: {write_report(args.run, baselines=args.baseline)}")
+            return 0
+        if getattr(args, "pretrained", None):
+            from .pretrained import install
+
+            args.out = install(args.pretrained, args.out or Path("runs") / f"pretrained-{args.pretrained}")
+        if args.out is None:
+            parser.error(f"{args.command}: the following arguments are required: --out/-o")
         run_dir: Path = args.out
+        from . import distributed  # under torchrun, rank 0 leads and ranks > 0 follow (docs/distributed.md)
+
+        if distributed.is_follower():
+            return distributed.follow()
         if args.command != "run" and args.command != "fit" and not run_dir.is_dir():
             raise ArtifactError(f"{run_dir}: run directory not found")
         run_dir.mkdir(parents=True, exist_ok=True)
-        with run_lock(run_dir):  # two processes writing one run directory would corrupt it
+        with distributed.leading(args.command), run_lock(run_dir):  # two writers would corrupt a run directory
             remove_stale_temps(run_dir)
             cfg = resolve_config(args, run_dir)
             stages = STAGES if args.command == "run" else (args.command,)
@@ -290,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_stage(stage, cfg, run_dir, args)
             if args.command in ("run", "evaluate"):
                 print(summary_table(run_dir))
+            if args.command == "run":
+                from .report import write_report
+
+                print(f"report: {write_report(run_dir)}")
     except NefgptError as exc:
         if args.debug:
             raise

@@ -29,6 +29,9 @@ class DataConfig:
     dataset: str = "mnist"  # mnist | fashion-mnist | idx:PATH | npz:PATH
     subset_per_class: int = 0  # 0 keeps every image; >0 draws that many per class first
     heldout_per_class: int = 50
+    # Carved from the non-held-out part and kept out of training: `tune` scores sampling settings on it,
+    # so the reported held-out numbers are not tuned on.
+    tune_per_class: int = 30
     seed: int = 0
 
 
@@ -38,7 +41,7 @@ class FitConfig:
     hidden: list[int] = field(default_factory=lambda: [16, 16])
     init: str = "shared"  # shared: start every field from one fitted anchor field; random: fresh init each
     steps: int = 200
-    lr: float = 1e-2
+    lr: float = 3e-2
     anchor_steps: int = 3000
     anchor_lr: float = 3e-3
     batch_size: int = 64  # fields fitted together; small batches stay in cache and run faster
@@ -58,6 +61,9 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
+    model: str = "gpt"  # gpt | regression | diffusion | gaussian | copy_noise (see nefgpt.baselines)
+    conditioning: str = "class"  # class: [SOS, C(label), w...]; none: unconditional
+    p_uncond: float = 0.0  # share of training sequences whose class token is replaced by the null class (for guidance)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -83,11 +89,91 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    # Use the setting `nefgpt tune` chose (tune.json) when the run has one; explicit
+    # --temperature/--top-k/--top-p (or --set sample.<them>) turn this off.
+    use_tuned: bool = True
     n_per_class: int = 50
     temperature: float = 1.0
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0  # 1.0 disables nucleus filtering
+    guidance: float = 1.0  # classifier-free guidance scale: 1 is plain conditional sampling
     batch_size: int = 250
+    seed: int = 0
+
+
+@dataclass
+class TuneConfig:
+    """`nefgpt tune`: search sampling settings, scored against the tuning split."""
+    # 12 settings of 300 samples: about 4 minutes on 2 CPU cores with the cpu preset. The grid spans the
+    # README's "Sampling settings" table: no top-k (diverse, ~60 % readable) to top-k 3 (~95 %, least diverse).
+    temperatures: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    top_ks: list[int] = field(default_factory=lambda: [0, 3, 6])
+    top_ps: list[float] = field(default_factory=lambda: [1.0, 0.9])
+    search: str = "grid"  # grid | random
+    budget: int = 0  # at most this many settings (random search draws them); 0 = the whole grid
+    objective: str = "nna_gap"  # nna_gap: |1-NNA - 0.5|; mmd; cov (maximized); accuracy (maximized)
+    min_accuracy: float = 0.9  # settings below this classifier accuracy are not eligible
+    n_per_class: int = 30
+    seed: int = 0
+
+
+@dataclass
+class DiffusionConfig:
+    """The weight-space DDPM baseline (train.model = "diffusion"), HyperDiffusion-style.
+
+    Weights are standardized per position over the training fields; an MLP of residual
+    blocks predicts x0 from (x_t, t, class). The default size has 7.2 M parameters; one
+    iteration (batch 256, bf16 autocast) measured 70-92 ms on one thread of this 2-core
+    CPU while it was shared with other jobs, so 10 000 iterations take 12-15 min (sampling
+    500 fields with 100 DDIM steps: ~7 s). For a hard budget set max_minutes.
+    """
+    width: int = 512
+    n_blocks: int = 4
+    dropout: float = 0.0
+    timesteps: int = 1000  # training steps of the cosine schedule
+    p_uncond: float = 0.1  # share of training fields given the null class, for classifier-free guidance
+    batch_size: int = 256
+    max_iters: int = 10000
+    # Wall-clock cap (0 = none). When set, the LR schedule runs on whichever budget is used up
+    # faster, so a capped run still ends at the minimum LR (but is then not bit-reproducible).
+    max_minutes: float = 0.0
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1
+    warmup_iters: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    ckpt_interval: int = 500
+    eval_timesteps: int = 8  # the held-out loss scores every field at this many fixed, evenly spread timesteps
+    sample_steps: int = 100  # DDIM steps
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
+    clip_x0: float = 0.0  # clamp predicted x0 to +-this many stds at each step; 0 = off
+    dtype: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+
+
+@dataclass
+class RegressionConfig:
+    """The regression-transformer baseline (train.model = "regression"); its backbone uses [train]'s sizes."""
+    loss: str = "mse"  # mse | l1, on per-position standardized weights
+    # Sampling: Gaussian noise of this many residual stds (per position, measured on training fields) added at
+    # each step; 0 is the plain deterministic regressor (one field per class), the faithful baseline.
+    noise: float = 0.0
+    residual_fields: int = 1024  # training fields used to estimate the residual stds after training
+
+
+@dataclass
+class BaselineConfig:
+    """The trivial baselines: per-class Gaussian and copy + noise."""
+    covariance: str = "full"  # gaussian: full | diag
+    # gaussian, full: weight of the diagonal target in (1 - a) S + a diag(S); -1 estimates it per class
+    # (Ledoit-Wolf): with ~420 fields per class and 561 weights S alone is singular.
+    shrinkage: float = -1.0
+    # copy_noise: noise std relative to each position's std over the training fields; -1 chooses it from
+    # noise_scales by the 1-NNA gap |1-NNA - 0.5| against the tuning split.
+    noise_scale: float = -1.0
+    noise_scales: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
     seed: int = 0
 
 
@@ -105,8 +191,12 @@ class RunConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     tokenize: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,11 +268,26 @@ def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
         or (origin is int and isinstance(value, int) and not isinstance(value, bool))
         or (origin is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (origin is str and isinstance(value, str))
-        or (origin is list and isinstance(value, list) and all(isinstance(v, int) for v in value))
+        or (origin is list and isinstance(value, list) and all(_is_of(v, _item_type(hint)) for v in value))
     )
+    if ok and origin is list and _item_type(hint) is float:
+        return [float(v) for v in value]
     if not ok:
         raise UsageError(f"{source}: '{dotted}' must be of type {getattr(origin, '__name__', origin)}, got {value!r}")
     return float(value) if origin is float else value
+
+
+def _item_type(hint: Any) -> type:
+    args = getattr(hint, "__args__", (int,))
+    return args[0]
+
+
+def _is_of(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def _sections() -> list[str]:
@@ -190,12 +295,16 @@ def _sections() -> list[str]:
 
 
 _NON_NEGATIVE = {
-    "data": ("subset_per_class",),
+    "data": ("subset_per_class", "tune_per_class"),
     "fit": ("steps", "anchor_steps"),
     "tokenize": ("max_iters",),
     "train": ("max_iters", "warmup_iters", "head_dim"),
     "sample": ("top_k",),
     "evaluate": (),
+    "tune": ("budget", "min_accuracy"),
+    "regression": ("noise",),
+    "diffusion": ("dropout", "p_uncond", "max_minutes", "min_lr_frac", "warmup_iters", "weight_decay", "grad_clip",
+                  "eta", "clip_x0"),
 }
 _POSITIVE = {
     "data": ("heldout_per_class",),
@@ -204,12 +313,24 @@ _POSITIVE = {
     "train": ("n_layer", "n_head", "n_embd", "batch_size", "lr", "eval_interval", "ckpt_interval"),
     "sample": ("n_per_class", "batch_size"),
     "evaluate": ("classifier_epochs", "classifier_batch_size", "classifier_lr"),
+    "tune": ("n_per_class",),
+    "regression": ("residual_fields",),
+    "diffusion": ("width", "n_blocks", "timesteps", "batch_size", "max_iters", "lr", "eval_interval",
+                  "ckpt_interval", "eval_timesteps", "sample_steps"),
 }
 _CHOICES = {
     ("fit", "init"): ("shared", "random"),
     ("tokenize", "init"): ("quantile", "random"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "model"): ("gpt", "regression", "diffusion", "gaussian", "copy_noise"),
+    ("train", "conditioning"): ("class", "none"),
+    ("tune", "search"): ("grid", "random"),
+    ("tune", "objective"): ("nna_gap", "mmd", "cov", "accuracy"),
+    ("regression", "loss"): ("mse", "l1"),
+    ("diffusion", "dtype"): ("auto", "bf16", "fp32"),
+    ("diffusion", "device"): ("auto", "cpu", "cuda"),
+    ("baseline", "covariance"): ("full", "diag"),
 }
 
 
@@ -241,4 +362,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     if s.top_k > cfg.tokenize.num_codes:
         raise UsageError(f"sample.top_k must be 0 (off) or at most tokenize.num_codes = {cfg.tokenize.num_codes}, "
                          f"got {s.top_k}")
+    t = cfg.train
+    if not 0 <= t.p_uncond <= 1:  # also refuses NaN
+        raise UsageError(f"train.p_uncond must be in [0, 1], got {t.p_uncond}")
+    if not (math.isfinite(s.guidance) and s.guidance >= 0):
+        raise UsageError(f"sample.guidance must be a finite number >= 0, got {s.guidance}")
+    # Guidance mixes class and null-class predictions: only a model that learned both can give them
+    # (sample.check_guidance rechecks against the checkpoint's own config).
+    if s.guidance != 1 and t.model == "gpt" and (t.conditioning != "class" or t.p_uncond == 0):
+        raise UsageError(f"sample.guidance = {s.guidance} needs train.conditioning = class and train.p_uncond > 0 "
+                         f"(null-class dropout), got conditioning = {t.conditioning}, p_uncond = {t.p_uncond}")
     return cfg

@@ -9,6 +9,8 @@
   compared with the same distance for held-out fields (near-copy rate).
 - Classifier score: a CNN trained on the train-split images scores the samples
   by accuracy (label = condition) and cross-entropy.
+- Figures (nefgpt.eval_figures): nearest training fields of some samples, the
+  classifier's confusion matrix, and a GIF of autoregressive generation.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .artifacts import load_tensors, save_json
 from .classifier import load_classifier, save_classifier, score_images, train_classifier
 from .config import EvalConfig
 from .errors import ArtifactError
+from .eval_figures import write_eval_figures
 from .fit import load_nefs, load_split_images
 from .sample import SAMPLES_FILE
 
@@ -40,8 +43,8 @@ def balanced_indices(labels: torch.Tensor, per_class: dict[int, int], seed: int)
     return torch.cat(picks).sort().values
 
 
-def load_generated(run_dir: Path, expect: field.FieldSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rendered images and labels of the sampled fields, checked against the architecture `expect`."""
+def load_generated_fields(run_dir: Path, expect: field.FieldSpec | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of samples.safetensors, checked against the architecture `expect`."""
     path = run_dir / SAMPLES_FILE
     tensors, meta = load_tensors(path, {"weights": torch.float32, "labels": torch.int64})
     spec = field.FieldSpec.from_meta(meta.get("field", {}), str(path))
@@ -51,7 +54,13 @@ def load_generated(run_dir: Path, expect: field.FieldSpec | None = None) -> tupl
     spec.check_weights(weights, str(path))
     if labels.shape != (weights.shape[0],):
         raise ArtifactError(f"{path}: {tuple(labels.shape)} labels for {weights.shape[0]} fields")
-    return field.render(spec, weights, 28), labels
+    return tensors, {**meta, "spec": spec}
+
+
+def load_generated(run_dir: Path, expect: field.FieldSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rendered images and labels of the sampled fields, checked against the architecture `expect`."""
+    tensors, meta = load_generated_fields(run_dir, expect)
+    return field.render(meta["spec"], tensors["weights"], 28), tensors["labels"]
 
 
 def get_classifier(run_dir: Path, cfg: EvalConfig, train_images, train_labels, val_images, val_labels, progress: bool):
@@ -93,7 +102,9 @@ def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
     if res != 28:
         raise ArtifactError(f"{run_dir}: evaluation expects 28x28 images, the dataset has {res}x{res}")
 
-    gen_images, gen_labels = load_generated(run_dir, spec)
+    samples, _ = load_generated_fields(run_dir, spec)
+    gen_weights, gen_labels = samples["weights"], samples["labels"]
+    gen_images = field.render(spec, gen_weights, 28)
     held_fields = field.render(spec, nefs["weights"][held_idx], res)
     held_labels = labels[held_idx]
     # Equal-size sets per class, as the PointFlow protocol requires.
@@ -142,7 +153,10 @@ def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
                     "description": "rendered training fields vs rendered held-out fields, same sizes"},
         "novelty": novelty,
         "nearest_train_index": train_idx[gen_nn_idx].tolist(),
-        "evaluate_seconds": time.time() - t0,
     }
+    # Figures before metrics.json, whose presence marks the stage as done.
+    result["figures"] = write_eval_figures(run_dir, spec, gen, gen_weights[g_sel], gen_l, train_fields,
+                                           score["confusion"], nefs.get("anchor"), "tokens" in samples)
+    result["evaluate_seconds"] = time.time() - t0
     save_json(run_dir / METRICS_FILE, result)
     return result

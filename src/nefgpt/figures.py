@@ -1,4 +1,4 @@
-"""Figures for people: sample grids and loss curves, written atomically as PNG."""
+"""Figures for people: sample grids, loss curves, tuning heatmaps and confusion matrices, written atomically as PNG."""
 
 from __future__ import annotations
 
@@ -44,13 +44,25 @@ def save_sample_grid(path: Path, images: torch.Tensor, labels: torch.Tensor, per
     save_png(path, image_grid(images, rows, row_titles=[str(c) for c in classes]))
 
 
-def save_loss_curve(path: Path, log_csv: Path) -> None:
-    """Train and held-out cross-entropy against iteration, from the training CSV log."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: figures are written on machines without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(path: Path, fig) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    pyplot().close(fig)
+
+
+def save_loss_curve(path: Path, log_csv: Path, ylabel: str = "cross-entropy (nats / weight token)") -> None:
+    """Train and held-out loss against iteration, from the training CSV log."""
+    plt = pyplot()
     with log_csv.open() as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -60,13 +72,70 @@ def save_loss_curve(path: Path, log_csv: Path) -> None:
     ax.plot(it, [float(r["train_loss"]) for r in rows], label="train (last batch)")
     ax.plot(it, [float(r["val_loss"]) for r in rows], label="held-out")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy (nats / weight token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(path, fig)
+
+
+def _annotated_map(ax, values: np.ndarray, text: list[list[str]], cmap: str, vmin: float, vmax: float) -> None:
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    for (r, c), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            red, green, blue, _ = image.cmap(image.norm(v))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # the cell's luminance picks the text colour
+            ax.text(c, r, text[r][c], ha="center", va="center", fontsize=8, color="white" if dark else "black")
+
+
+def save_tune_heatmap(path: Path, rows: list[dict], best: dict) -> None:
+    """Accuracy and 1-NNA of the tuned settings over top-k x temperature, at the best setting's top-p.
+
+    `rows` are tune.json's settings; cells that were not tried (random search) stay blank.
+    The best setting's cell is framed.
+    """
+    plt = pyplot()
+    at_p = [r for r in rows if r["top_p"] == best["top_p"]]
+    temps = sorted({r["temperature"] for r in at_p})
+    ks = sorted({r["top_k"] for r in at_p}, key=lambda k: (k == 0, k))  # 0 (off) keeps the most tokens: last
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.2 * len(ks) * 2, 1.4 + 0.6 * len(temps)), dpi=100)
+    for ax, key, title, cmap, (vmin, vmax) in ((axes[0], "accuracy", "classifier accuracy", "viridis", (0, 1)),
+                                               (axes[1], "1nna", "1-NNA (0.5 ideal)", "magma_r", (0.5, 1))):
+        values = np.full((len(temps), len(ks)), np.nan)
+        for r in at_p:
+            values[temps.index(r["temperature"]), ks.index(r["top_k"])] = r[key]
+        text = [[f"{v:.0%}" for v in row] for row in values]
+        _annotated_map(ax, values, text, cmap, vmin, vmax)
+        ax.set_xticks(range(len(ks)), [str(k) if k else "off" for k in ks])
+        ax.set_yticks(range(len(temps)), [f"{t:g}" for t in temps])
+        ax.set_xlabel("top-k")
+        ax.set_ylabel("temperature")
+        ax.set_title(title, fontsize=10)
+        bx, by = ks.index(best["top_k"]), temps.index(best["temperature"])
+        ax.add_patch(plt.Rectangle((bx - 0.5, by - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    top_p = f"top-p {best['top_p']:g}" if best["top_p"] < 1 else "no top-p"
+    fig.suptitle(f"sampling settings on the tuning split, {top_p} (best framed)", fontsize=10)
+    fig.tight_layout()
+    save_figure(path, fig)
+
+
+def save_confusion_matrix(path: Path, confusion: list[list[int]], title: str) -> None:
+    """Counts of (true class, predicted class); colour is the share of the true class's images."""
+    plt = pyplot()
+    counts = np.asarray(confusion, dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    n = len(counts)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n), dpi=100)
+    _annotated_map(ax, shares, [[str(v) if v else "" for v in row] for row in counts.tolist()], "Blues", 0, 1)
+    ax.set_xticks(range(n), [str(c) for c in range(n)])
+    ax.set_yticks(range(n), [str(c) for c in range(n)])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("conditioning class")
+    accuracy = np.trace(counts) / max(counts.sum(), 1)
+    ax.set_title(f"{title}\naccuracy {accuracy:.1%} of {counts.sum()}", fontsize=10)
+    fig.tight_layout()
+    save_figure(path, fig)
 
 
 def render_artifact(path: Path, res: int, count: int, png: Path, stride: int = 1) -> int:

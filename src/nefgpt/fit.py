@@ -29,8 +29,9 @@ from . import field
 from .artifacts import load_json, load_tensors, save_json, save_tensors
 from .config import DataConfig, FitConfig
 from .data import load_dataset, stratified_split, subset_per_class
-from .errors import ArtifactError
+from .errors import ArtifactError, DataError
 from .field import FieldSpec
+from .weight_stats import init_stats
 
 SPLIT_FILE = "split.json"
 NEFS_FILE = "nefs.safetensors"
@@ -72,6 +73,13 @@ def make_split(cfg: DataConfig, run_dir: Path) -> tuple[dict, torch.Tensor, torc
         else torch.arange(len(ds.labels))
     )
     train_idx, heldout_idx = stratified_split(ds.labels[keep], cfg.heldout_per_class, cfg.seed)
+    train_labels = ds.labels[keep][train_idx]
+    fewest = int(train_labels.unique(return_counts=True)[1].min()) if len(train_labels) else 0
+    if cfg.tune_per_class >= fewest:
+        raise DataError(f"data.tune_per_class = {cfg.tune_per_class}: a class has only {fewest} examples left after "
+                        f"holding out {cfg.heldout_per_class} per class, and training needs some")
+    rest, tune = stratified_split(train_labels, cfg.tune_per_class, cfg.seed + 1)
+    train_idx, tune_idx = train_idx[rest], train_idx[tune]
     split = {
         "dataset": ds.name,
         "image_size": int(ds.images.shape[-1]),
@@ -79,6 +87,7 @@ def make_split(cfg: DataConfig, run_dir: Path) -> tuple[dict, torch.Tensor, torc
         "indices": keep.tolist(),  # positions in the dataset of the fields, in field order
         "train": train_idx.tolist(),  # positions in `indices` / rows of nefs.safetensors
         "heldout": heldout_idx.tolist(),
+        "tune": tune_idx.tolist(),  # for `nefgpt tune`; neither trained on nor used in the reported scores
     }
     save_json(run_dir / SPLIT_FILE, split)
     return split, ds.images[keep], ds.labels[keep]
@@ -153,6 +162,7 @@ def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool 
         [load_tensors(chunk_dir / f"chunk_{s:07d}.safetensors", {"weights": torch.float32})[0]["weights"] for s in starts]
     )
     psnr = field.psnr(field.render(spec, weights, images.shape[-1]), images)
+    inits = torch.cat([chunk_inits(spec, cfg, anchor, s, min(cfg.chunk_size, n - s)) for s in starts])
     meta = {
         "field": spec.to_meta(),
         "init": cfg.init,
@@ -160,6 +170,7 @@ def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool 
         "flatten_order": "state-dict order: W1 (out x in, row-major), b1, W2, b2, ..., W_out, b_out",
         "psnr_mean": float(psnr.mean()),
         "psnr_min": float(psnr.min()),
+        **init_stats(weights, inits),
         "fit_seconds": time.time() - t0,
     }
     tensors = {"weights": weights, "psnr": psnr, "labels": labels}

@@ -214,6 +214,31 @@ def nearest_distance(
     return (1.0 - best) / 2.0, index
 
 
+def nearest_k(
+    query: torch.Tensor, pool: torch.Tensor, k: int, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSIM distances (Q, k) from each query image to its k nearest pool images, nearest first, and their indices.
+
+    Like `nearest_distance`, it never holds the full query x pool matrix. Ties go
+    to the lowest pool index.
+    """
+    if not 1 <= k <= len(pool):
+        raise UsageError(f"k must be between 1 and the pool size {len(pool)}, got {k}")
+    blocks = _ssim_blocks(query, pool, chunk)
+    best = torch.full((len(query), k), -math.inf, device=query.device)
+    index = torch.full((len(query), k), -1, dtype=torch.int64, device=query.device)
+    for rows, cols, block in blocks:
+        cand = torch.cat([best[rows], block], dim=1)
+        block_idx = torch.arange(cols.start, cols.stop, device=query.device).expand(len(block), -1)
+        cand_idx = torch.cat([index[rows], block_idx], dim=1)
+        # Sorting by (similarity desc, index asc) keeps ties deterministic, whatever the block order.
+        order = torch.argsort(cand_idx, dim=1, stable=True)
+        cand, cand_idx = cand.gather(1, order), cand_idx.gather(1, order)
+        top = torch.argsort(cand, dim=1, descending=True, stable=True)[:, :k]
+        best[rows], index[rows] = cand.gather(1, top), cand_idx.gather(1, top)
+    return (1.0 - best) / 2.0, index
+
+
 def _check_matrix(d: torch.Tensor, name: str) -> None:
     if not isinstance(d, torch.Tensor) or d.dim() != 2 or d.numel() == 0:
         raise UsageError(f"{name} must be a non-empty 2-D distance matrix")

@@ -1,14 +1,24 @@
 """Stage `sample`: generate class-conditioned fields with the trained GPT.
 
 Decoding is incremental with a key/value cache. Logits are shaped in a fixed
-order: temperature, then top-k, then top-p (nucleus); temperature 0 is greedy.
-The model only scores codebook tokens, so special tokens can't appear at weight
-positions. Sampling uses its own seeded generator, so it is reproducible.
+order: classifier-free guidance, then temperature, then top-k, then top-p
+(nucleus); temperature 0 is greedy. The model only scores codebook tokens, so
+special tokens can't appear at weight positions. Sampling uses its own seeded
+generator, so it is reproducible.
+
+The null class is the SOS token at the class position, ``[SOS, SOS, w1 ...]``
+(the vocabulary has no free token): an unconditional model
+(``train.conditioning = "none"``) saw only it, and a model trained with
+``train.p_uncond > 0`` saw it in that share of its sequences, which is what
+guidance needs: with scale g the next-token logits are
+``l_null + g (l_cond - l_null)``, from the conditional and the null-class
+sequence decoded together as one batch.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +39,9 @@ IMAGES_FILE = "samples.npz"
 GRID_FILE = "samples_grid.png"
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int) -> None:
+def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0) -> None:
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise UsageError(f"guidance must be a finite number >= 0, got {guidance}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"temperature must be a finite number >= 0, got {temperature}")
     if not (0 < top_p <= 1):
@@ -65,33 +77,71 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits.softmax(dim=1)
 
 
+def condition_tokens(labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
+    """The token at the class position: C(label), or the null class (SOS) for label -1."""
+    labels = labels.long()
+    return torch.where(labels < 0, vocab.sos, vocab.class_token(labels.clamp(min=0)))
+
+
+def check_guidance(guidance: float, trained: dict, where: str) -> None:
+    """Guidance needs a model that learned the null class next to the classes; `trained` is its train config."""
+    if guidance == 1:
+        return
+    conditioning, p_uncond = trained.get("conditioning", "class"), float(trained.get("p_uncond", 0.0))
+    if conditioning != "class" or p_uncond <= 0:
+        how = "unconditionally (train.conditioning = none)" if conditioning != "class" else "with train.p_uncond = 0"
+        raise UsageError(f"sample.guidance = {guidance} needs a class-conditional model trained with null-class "
+                         f"dropout (train.p_uncond > 0), but {where} was trained {how}; use guidance 1")
+
+
 @torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
-             top_p: float, generator: torch.Generator, use_cache: bool = True) -> torch.Tensor:
-    """Code tokens (B, num_weights) for class labels (B,)."""
+             top_p: float, generator: torch.Generator, use_cache: bool = True, guidance: float = 1.0) -> torch.Tensor:
+    """Code tokens (B, num_weights) for class labels (B,); label -1 is the null class (unconditional).
+
+    With guidance g != 1 the B conditional and B null-class sequences run as one batch of 2B (one cache) and
+    each step's logits are ``l_null + g (l_cond - l_null)``, before temperature, top-k and top-p; both
+    halves are then extended with the same sampled token.
+    """
     device = next(model.parameters()).device
     b = labels.shape[0]
-    seq = torch.stack([torch.full_like(labels, vocab.sos), vocab.class_token(labels)], dim=1).to(device)
-    cache = KVCache(model.config, b, device, next(model.parameters()).dtype) if use_cache else None
-    logits = model(seq, cache, 0)[:, -1]
-    out = torch.empty(b, num_weights, dtype=torch.long, device=device)
+    cond = condition_tokens(labels, vocab)
+    guided = guidance != 1
+    if guided:
+        cond = torch.cat([cond, torch.full_like(cond, vocab.sos)])
+
+    def mix(logits: torch.Tensor) -> torch.Tensor:
+        if not guided:
+            return logits
+        with_class, null = logits[:b].float(), logits[b:].float()
+        return null + guidance * (with_class - null)
+
+    seq = torch.stack([torch.full_like(cond, vocab.sos), cond], dim=1).to(device)
+    cache = KVCache(model.config, seq.shape[0], device, next(model.parameters()).dtype) if use_cache else None
+    logits = mix(model(seq, cache, 0)[:, -1])
+    out = torch.empty(seq.shape[0], num_weights, dtype=torch.long, device=device)
     for i in range(num_weights):
         probs = filter_logits(logits, temperature, top_k, top_p)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
+        if guided:
+            nxt = nxt.repeat(2, 1)
         out[:, i] = nxt[:, 0]
         if i + 1 == num_weights:
             break
         if use_cache:
-            logits = model(nxt, cache, seq.shape[1] + i)[:, -1]
+            logits = mix(model(nxt, cache, seq.shape[1] + i)[:, -1])
         else:
-            logits = model(torch.cat([seq, out[:, : i + 1]], dim=1))[:, -1]
-    return out
+            logits = mix(model(torch.cat([seq, out[:, : i + 1]], dim=1))[:, -1])
+    return out[:b]
 
 
 def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
     codebook, vocab, spec, tok_id = load_tokenizer(run_dir / TOKENIZER_FILE)
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes)
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance)
     model, ckpt = load_model(run_dir)
+    trained = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    check_guidance(cfg.guidance, trained, str(run_dir / CKPT_FILE))
+    conditioned = trained.get("conditioning", "class") == "class"
     if ckpt.get("tokenizer_id") != tok_id:
         raise ArtifactError(f"{run_dir / CKPT_FILE}: trained with another tokenizer than {run_dir / TOKENIZER_FILE}")
     mc = model.config
@@ -101,23 +151,44 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     if mc.block_size != spec.num_params + 2:
         raise ArtifactError(f"{run_dir / CKPT_FILE}: model generates {mc.block_size - 2} weights, but the field "
                             f"architecture {spec.to_meta()} in {run_dir / TOKENIZER_FILE} has {spec.num_params}")
+    if labels and not conditioned:
+        raise UsageError(f"{run_dir / CKPT_FILE} is an unconditional model (train.conditioning = none): "
+                         "it cannot sample chosen classes; leave out --label")
     classes = list(range(vocab.num_classes)) if labels is None else labels
     for c in classes:
         if not 0 <= c < vocab.num_classes:
             raise UsageError(f"label {c} is not a class of this model (0..{vocab.num_classes - 1})")
+    # An unconditional model draws as many fields as a conditional run (n_per_class for each class slot, so
+    # set metrics compare equal sizes); its labels only number the slots and are not conditions.
     all_labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(cfg.n_per_class)
+    conditions = all_labels if conditioned else torch.full_like(all_labels, -1)
     gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
     chunks = []
-    for batch in tqdm(all_labels.split(cfg.batch_size), desc="sample", disable=not progress):
-        chunks.append(generate(model, batch, vocab, spec.num_params, cfg.temperature, cfg.top_k, cfg.top_p, gen).cpu())
+    for batch in tqdm(conditions.split(cfg.batch_size), desc="sample", disable=not progress):
+        chunks.append(generate(model, batch, vocab, spec.num_params, cfg.temperature, cfg.top_k, cfg.top_p, gen,
+                               guidance=cfg.guidance).cpu())
     tokens = torch.cat(chunks)
-    weights = codebook[tokens]
+    meta = {"tokenizer_id": tok_id, "sampling": vars(cfg).copy(), "conditioned": conditioned,
+            "seconds_per_field": (time.perf_counter() - t0) / len(all_labels)}
+    save_samples(run_dir, spec, codebook[tokens], all_labels, meta,
+                 extra={"tokens": tokens.to(torch.int16)}, per_row=min(cfg.n_per_class, 10))
+    return {"n": len(all_labels), "sampling": vars(cfg).copy(), "conditioned": conditioned}
+
+
+def save_samples(run_dir: Path, spec: field.FieldSpec, weights: torch.Tensor, labels: torch.Tensor, meta: dict,
+                 extra: dict[str, torch.Tensor] | None = None, per_row: int = 10) -> torch.Tensor:
+    """Write the sample artifacts every model produces; returns the 28x28 renders.
+
+    `meta` should carry "seconds_per_field" (generation time only), which `compare` reports.
+    """
+    spec.check_weights(weights, str(run_dir / SAMPLES_FILE))
     images = field.render(spec, weights, 28)
-    save_tensors(run_dir / SAMPLES_FILE, {"tokens": tokens.to(torch.int16), "weights": weights, "labels": all_labels},
-                 {"field": spec.to_meta(), "tokenizer_id": tok_id, "sampling": vars(cfg).copy()})
-    save_images_npz(run_dir / IMAGES_FILE, images, all_labels)
-    save_sample_grid(run_dir / GRID_FILE, images, all_labels, per_row=min(cfg.n_per_class, 10))
-    return {"n": len(all_labels), "sampling": vars(cfg).copy()}
+    save_tensors(run_dir / SAMPLES_FILE, {**(extra or {}), "weights": weights.float(), "labels": labels.long()},
+                 {"field": spec.to_meta(), **meta})
+    save_images_npz(run_dir / IMAGES_FILE, images, labels)
+    save_sample_grid(run_dir / GRID_FILE, images, labels, per_row=per_row)
+    return images
 
 
 def save_images_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:

@@ -24,10 +24,12 @@ from .artifacts import load_tensors, save_json, save_tensors
 from .config import TokenizerConfig
 from .errors import ArtifactError
 from .field import FieldSpec
+from .weight_stats import save_tokenizer_figure
 
 TOKENIZER_FILE = "tokenizer.safetensors"
 TOKENS_FILE = "tokens.safetensors"
 REPORT_FILE = "tokenizer.json"
+FIGURE_FILE = "tokenizer.png"
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,10 @@ def run_tokenize(cfg: TokenizerConfig, run_dir: Path, num_classes: int) -> dict:
     save_tensors(run_dir / TOKENS_FILE, {"tokens": tokens.to(torch.int16), "labels": nefs["labels"]},
                  {"tokenizer_id": report["tokenizer_id"]})
     save_json(run_dir / REPORT_FILE, report)
+    # One field of each of the first classes, so the figure shows varied shapes.
+    shown = [int(train[(nefs["labels"][train] == c).nonzero()[0, 0]]) for c in nefs["labels"][train].unique()[:6]]
+    save_tokenizer_figure(run_dir / FIGURE_FILE, weights[train], codebook, spec, weights[shown], quantized[shown],
+                          images[shown])
     return report
 
 

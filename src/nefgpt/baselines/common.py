@@ -1,0 +1,107 @@
+"""What the baselines share: their training fields, checkpoint checks, class choice, sample writing."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..artifacts import load_checkpoint
+from ..config import RunConfig
+from ..errors import ArtifactError, UsageError
+from ..field import FieldSpec
+from ..fit import NEFS_FILE, SPLIT_FILE, load_nefs, load_split, spec_from_config
+from ..sample import save_samples
+
+CKPT_FILE = "ckpt.pt"
+SUMMARY_FILE = "train.json"
+LOG_FILE = "train_log.csv"
+
+
+@dataclass
+class Fields:
+    """Fields of one split part (rows of nefs.safetensors), with what a baseline needs around them."""
+
+    weights: torch.Tensor  # (N, P) float32
+    labels: torch.Tensor  # (N,) int64
+    spec: FieldSpec
+    num_classes: int
+    nefs_id: str  # fingerprint of the training fields: a checkpoint must match the fields it is used with
+    anchor: torch.Tensor | None
+    rows: torch.Tensor  # (N,) rows of nefs.safetensors
+
+
+def load_fields(cfg: RunConfig, run_dir: Path, part: str = "train") -> Fields:
+    """The fields of split part `part` ("train", "tune" or "heldout")."""
+    nefs, meta = load_nefs(run_dir, spec_from_config(cfg.fit))
+    split = load_split(run_dir)
+    rows = split.get(part)
+    if rows is None:
+        raise ArtifactError(f"{run_dir / SPLIT_FILE}: has no '{part}' part (made by an older version; "
+                            f"rerun `nefgpt fit --force --out {run_dir}`)")
+    n = nefs["weights"].shape[0]
+    if any(not (isinstance(r, int) and 0 <= r < n) for r in rows):
+        raise ArtifactError(f"{run_dir / SPLIT_FILE}: '{part}' rows must be integers in 0..{n - 1} "
+                            f"(rows of {run_dir / NEFS_FILE})")
+    idx = torch.tensor(rows, dtype=torch.long)
+    train_idx = torch.tensor(split["train"], dtype=torch.long)
+    return Fields(weights=nefs["weights"][idx], labels=nefs["labels"][idx], spec=meta["spec"],
+                  num_classes=int(split["num_classes"]), nefs_id=fingerprint(nefs["weights"][train_idx]),
+                  anchor=nefs.get("anchor"), rows=idx)
+
+
+def fingerprint(weights: torch.Tensor) -> str:
+    return hashlib.sha256(weights.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def load_baseline_checkpoint(run_dir: Path, kind: str, fields: Fields) -> dict:
+    """ckpt.pt, checked to be a `kind` checkpoint made from these training fields."""
+    path = run_dir / CKPT_FILE
+    ckpt = load_checkpoint(path)
+    found = ckpt["model_args"].get("kind", "gpt")
+    if found != kind:
+        raise ArtifactError(f"{path}: holds a {found} model, not {kind}; rerun `nefgpt train --force --out {run_dir}`")
+    if ckpt.get("nefs_id") != fields.nefs_id:
+        raise ArtifactError(f"{path}: trained on other fields than {run_dir / NEFS_FILE}; rerun `nefgpt train --force`")
+    if ckpt["model_args"].get("num_params") != fields.spec.num_params:
+        raise ArtifactError(f"{path}: model has {ckpt['model_args'].get('num_params')} weights per field, "
+                            f"the fields have {fields.spec.num_params}")
+    return ckpt
+
+
+def sample_classes(labels: list[int] | None, fields: Fields) -> list[int]:
+    """The classes to sample, each checked to be a class with training fields."""
+    classes = list(range(fields.num_classes)) if labels is None else list(labels)
+    present = set(fields.labels.tolist())
+    for c in classes:
+        if not 0 <= c < fields.num_classes:
+            raise UsageError(f"label {c} is not a class of this run (0..{fields.num_classes - 1})")
+        if c not in present:
+            raise ArtifactError(f"class {c} has no training fields to learn from")
+    return classes
+
+
+def write_samples(cfg: RunConfig, run_dir: Path, fields: Fields, weights: torch.Tensor, labels: torch.Tensor,
+                  meta: dict, extra: dict[str, torch.Tensor] | None = None) -> dict:
+    if not torch.isfinite(weights).all():
+        raise ArtifactError(f"{run_dir / CKPT_FILE}: the model generated NaN or Inf weights")
+    save_samples(run_dir, fields.spec, weights, labels, meta, extra=extra, per_row=min(cfg.sample.n_per_class, 10))
+    return {"n": len(labels), "model": meta["model"], "seconds_per_field": meta["seconds_per_field"]}
+
+
+def check_range(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    if not (low <= value < high if high_open else low <= value <= high):
+        bracket = ")" if high_open else "]"
+        raise UsageError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+def append_log(path: Path, columns: tuple[str, ...], row: list) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(columns)
+        writer.writerow(row)

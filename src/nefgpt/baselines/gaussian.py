@@ -1,0 +1,153 @@
+"""Baseline: one Gaussian per class in weight space.
+
+Each class gets the mean and covariance of its training fields. With ~420 fields
+per class and 561 weights the sample covariance S is singular, so the full
+model uses (1 - a) S + a diag(S): shrinkage toward the diagonal, with `a`
+estimated per class as Ledoit and Wolf do (on standardized weights, where the
+diagonal target is the identity) or fixed by ``baseline.shrinkage``.
+
+Each class std is floored (see STD_FLOOR_REL), which makes the target the
+floored diagonal: (1 - a) S + a diag(std^2). The covariance is stored as those
+stds and an eigendecomposition of the shrunk matrix in std units, which serves
+both sampling (x = mean + std * V sqrt(L) z) and the log-likelihood reported
+as the train / held-out loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..artifacts import save_checkpoint, save_json
+from ..config import RunConfig
+from ..errors import ArtifactError
+from .common import CKPT_FILE, SUMMARY_FILE, check_range, load_baseline_checkpoint, load_fields, sample_classes, \
+    write_samples
+
+KIND = "gaussian"
+_STD_FLOOR = 1e-8  # a class with one field has zero spread; keep its likelihood finite
+# A weight into a unit that is dead in every field of a class never moves from the anchor, so its class std is
+# ~0 and one held-out field where the unit lives gets a likelihood of ~0 (a mean NLL of 1e6). Flooring each
+# class std at this share of the position's std over all training fields bounds that and barely changes samples.
+STD_FLOOR_REL = 1e-2
+_EIG_FLOOR = 1e-10
+
+
+def ledoit_wolf_diagonal(y: torch.Tensor) -> float:
+    """Shrinkage weight toward the identity for standardized, centred data y (n, p).
+
+    Ledoit-Wolf's estimate of E||R - Sigma||^2 / ||R - I||^2 over the off-diagonal
+    entries (the diagonal of a correlation matrix needs no shrinking), clipped to [0, 1].
+    """
+    n = y.shape[0]
+    r = y.T @ y / n
+    off = ~torch.eye(r.shape[0], dtype=torch.bool)
+    delta = float((r[off] ** 2).sum())
+    y2 = y * y
+    beta = float(((y2.T @ y2)[off].sum() / n - (r[off] ** 2).sum()) / n)
+    if delta <= 0:
+        return 1.0
+    return min(max(beta / delta, 0.0), 1.0)
+
+
+def fit_gaussian(x: torch.Tensor, covariance: str = "full", shrinkage: float = -1.0,
+                 std_floor: torch.Tensor | float = _STD_FLOOR) -> dict[str, torch.Tensor]:
+    """Mean, stds, and eigenvectors/values of the shrunk correlation matrix of rows x (n, p), in float64."""
+    x = x.double()
+    n, p = x.shape
+    mean = x.mean(0)
+    std = torch.maximum(x.std(0, correction=0), torch.as_tensor(std_floor, dtype=torch.float64)).clamp_min(_STD_FLOOR)
+    if covariance == "diag" or n < 2:
+        return {"mean": mean, "std": std, "eigvecs": torch.eye(p, dtype=torch.float64),
+                "eigvals": torch.ones(p, dtype=torch.float64), "shrinkage": torch.tensor(1.0, dtype=torch.float64)}
+    y = (x - mean) / std
+    a = ledoit_wolf_diagonal(y) if shrinkage < 0 else shrinkage
+    corr = (1 - a) * (y.T @ y / n) + a * torch.eye(p, dtype=torch.float64)
+    eigvals, eigvecs = torch.linalg.eigh((corr + corr.T) / 2)
+    return {"mean": mean, "std": std, "eigvecs": eigvecs, "eigvals": eigvals.clamp_min(0),
+            "shrinkage": torch.tensor(a, dtype=torch.float64)}
+
+
+def draw(g: dict[str, torch.Tensor], n: int, generator: torch.Generator) -> torch.Tensor:
+    z = torch.randn(n, g["mean"].shape[0], generator=generator, dtype=torch.float64)
+    return g["mean"] + g["std"] * ((z * g["eigvals"].sqrt()) @ g["eigvecs"].T)
+
+
+def nll_per_weight(g: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each row of x, in nats per weight."""
+    lam = g["eigvals"].clamp_min(_EIG_FLOOR)
+    y = ((x.double() - g["mean"]) / g["std"]) @ g["eigvecs"]
+    maha = (y * y / lam).sum(1)
+    logdet = 2 * g["std"].log().sum() + lam.log().sum()
+    p = x.shape[1]
+    return 0.5 * (maha + logdet + p * math.log(2 * math.pi)) / p
+
+
+def _check(cfg: RunConfig) -> None:
+    if cfg.baseline.shrinkage != -1.0:
+        check_range("baseline.shrinkage (or -1 to estimate it)", cfg.baseline.shrinkage, 0.0, 1.0)
+
+
+def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> dict:
+    """Fit every class in one pass (`resume` is accepted for the common interface; there is nothing to resume)."""
+    _check(cfg)
+    t0 = time.time()
+    fields = load_fields(cfg, run_dir, "train")
+    heldout = load_fields(cfg, run_dir, "heldout")
+    b = cfg.baseline
+    p, c = fields.spec.num_params, fields.num_classes
+    f64 = torch.float64
+    model = {"mean": torch.zeros(c, p, dtype=f64), "std": torch.ones(c, p, dtype=f64),
+             "eigvecs": torch.eye(p, dtype=f64).repeat(c, 1, 1), "eigvals": torch.ones(c, p, dtype=f64),
+             "shrinkage": torch.ones(c, dtype=f64), "counts": torch.zeros(c, dtype=torch.long)}
+    train_nll, val_nll = [], []
+    floor = STD_FLOOR_REL * fields.weights.double().std(0, correction=0)
+    for k in range(c):
+        rows = fields.weights[fields.labels == k]
+        if len(rows) == 0:
+            continue
+        g = fit_gaussian(rows, b.covariance, b.shrinkage, floor)
+        for name, value in g.items():
+            model[name][k] = value
+        model["counts"][k] = len(rows)
+        train_nll.append(nll_per_weight(g, rows))
+        val_nll.append(nll_per_weight(g, heldout.weights[heldout.labels == k]))
+    model_args = {"kind": KIND, "num_params": p, "num_classes": c, "covariance": b.covariance}
+    save_checkpoint(run_dir / CKPT_FILE, {"model": model, "model_args": model_args, "nefs_id": fields.nefs_id,
+                                          "config": vars(b).copy(), "iter_num": 0})
+    val = torch.cat(val_nll) if val_nll else torch.empty(0)
+    summary = {
+        "model": KIND,
+        "covariance": b.covariance,
+        "shrinkage": {str(k): float(model["shrinkage"][k]) for k in range(c) if model["counts"][k] > 0},
+        "loss": "negative log-likelihood under the class Gaussian, nats per weight",
+        "train_loss": float(torch.cat(train_nll).mean()),
+        "val_loss": float(val.mean()) if len(val) else None,
+        "val_loss_median": float(val.median()) if len(val) else None,
+        "num_train_fields": len(fields.labels),
+        "train_seconds": time.time() - t0,
+    }
+    save_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def sample(cfg: RunConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
+    fields = load_fields(cfg, run_dir, "train")
+    ckpt = load_baseline_checkpoint(run_dir, KIND, fields)
+    classes = sample_classes(labels, fields)
+    m = ckpt["model"]
+    try:
+        per_class = [{name: m[name][k] for name in ("mean", "std", "eigvecs", "eigvals")} for k in classes]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ArtifactError(f"{run_dir / CKPT_FILE}: not a valid {KIND} checkpoint ({exc})") from None
+    gen = torch.Generator().manual_seed(cfg.sample.seed)
+    t0 = time.perf_counter()
+    n = cfg.sample.n_per_class
+    weights = torch.cat([draw(g, n, gen) for g in per_class]).float()
+    all_labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
+    meta = {"model": KIND, "sampling": {"seed": cfg.sample.seed, "n_per_class": n},
+            "seconds_per_field": (time.perf_counter() - t0) / len(all_labels)}
+    return write_samples(cfg, run_dir, fields, weights, all_labels, meta)
