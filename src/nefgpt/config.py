@@ -53,7 +53,7 @@ class FitConfig:
 class TokenizerConfig:
     num_codes: int = 245
     init: str = "quantile"  # quantile | random
-    max_iters: int = 100
+    max_iters: int = 300
     dead_fraction: float = 0.05  # a code used less than this fraction of the mean usage is reassigned
     tol: float = 1e-7  # stop when the relative MSE improvement falls below this
     seed: int = 0
