@@ -524,3 +524,11 @@ def test_one_dimensional_weights_in_nefs(tmp_path):
                            {"field": FieldSpec().to_meta()})
     with pytest.raises(ArtifactError, match="weights"):
         load_nefs(tmp_path)
+
+
+def test_artifacts_get_the_mode_a_plain_open_would_give(tmp_path):
+    # Atomic writes go through mkstemp, whose files are owner-only; artifacts must be shareable like any file.
+    artifacts.save_json(tmp_path / "a.json", {"x": 1})
+    (tmp_path / "b.json").write_text("{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777
+    assert os.access(tmp_path / "a.json", os.R_OK)

@@ -108,7 +108,11 @@ def test_gaussian_trains_samples_and_is_scored(fitted, tmp_path):
     torch.testing.assert_close(std, torch.maximum(rows.std(0, correction=0), floor).clamp_min(1e-8))
     target = (1 - a) * torch.cov(rows.T, correction=0) + a * torch.diag(std**2)
     assert bool(((x.mean(0) - rows.mean(0)).abs() <= 0.1 * std).all())  # a few standard errors of the mean
-    assert bool(((torch.cov(x.T, correction=0) - target).abs() <= 0.15 * torch.outer(std, std)).all())
+    # Samples are stored as float32: where a position's spread is near float32 resolution of its value, rounding
+    # alone changes the variance, so the covariance is checked where the spread is well above it.
+    resolved = std > 1e-4 * (rows.mean(0).abs() + 1)
+    err = (torch.cov(x.T, correction=0) - target).abs() / torch.outer(std, std)
+    assert bool((err[resolved][:, resolved] <= 0.15).all())
 
 
 @pytest.mark.parametrize("shrinkage", [0.0, 0.3])

@@ -23,6 +23,15 @@ from safetensors.torch import load_file, save_file
 from .errors import ArtifactError
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` on success."""
@@ -31,6 +40,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        # mkstemp makes the file private (0600); an artifact gets the mode a plain open() would give it.
+        os.chmod(tmp, 0o666 & ~_UMASK)
     except OSError as exc:
         raise ArtifactError(f"{path}: can't write it ({_os_reason(exc)})") from None
     tmp_path = Path(tmp)

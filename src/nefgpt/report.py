@@ -114,7 +114,6 @@ def write_report(run_dir: Path, baselines: list[Path] = ()) -> Path:
     out = run_dir / REPORT_FILE
     with atomic_path(out) as tmp:
         tmp.write_bytes(page.encode("utf-8"))
-        tmp.chmod(0o644)  # a page meant for sharing; the temporary file starts owner-only
     return out
 
 

@@ -248,7 +248,7 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
         optimizer.load_state_dict(ckpt["optimizer"])
         start_iter, best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
         elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        _truncate_log(log_path, start_iter)
+        truncate_log(log_path, start_iter)
     else:
         log_path.unlink(missing_ok=True)
         shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
@@ -284,7 +284,7 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
             now = time.time()
             rate = tokens_per_iter * (done - max(start_iter, done - cfg.eval_interval)) / max(now - last["t"], 1e-9)
             last["t"] = now
-            _append_log(log_path, [done, f"{lr:.6g}", f"{train_loss:.5f}", f"{val_loss:.5f}",
+            append_log(log_path, [done, f"{lr:.6g}", f"{train_loss:.5f}", f"{val_loss:.5f}",
                                    f"{rate:.0f}", f"{elapsed_before + now - t0:.1f}"])
             scalars.add(done, {"val/loss": val_loss, "tokens_per_s": rate})
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
@@ -370,7 +370,8 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, 
     return model.to(device).eval(), ckpt
 
 
-def _append_log(path: Path, row: list) -> None:
+def append_log(path: Path, row: list) -> None:
+    """One row of the training CSV log (every model writes these columns, so one loss figure serves all)."""
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.writer(f)
@@ -379,7 +380,7 @@ def _append_log(path: Path, row: list) -> None:
         writer.writerow(row)
 
 
-def _truncate_log(path: Path, upto: int) -> None:
+def truncate_log(path: Path, upto: int) -> None:
     """Drop log rows written after the checkpoint we resume from."""
     if not path.exists():
         return

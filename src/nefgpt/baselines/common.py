@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,10 +97,3 @@ def check_range(name: str, value: float, low: float, high: float, high_open: boo
         raise UsageError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
 
 
-def append_log(path: Path, columns: tuple[str, ...], row: list) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(columns)
-        writer.writerow(row)

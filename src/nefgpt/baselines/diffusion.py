@@ -30,9 +30,10 @@ from tqdm import tqdm
 from ..artifacts import save_checkpoint, save_json
 from ..config import DiffusionConfig, RunConfig
 from ..errors import ArtifactError, NefgptError, UsageError
-from ..train import LOG_COLUMNS, TrainInterrupted, autocast_dtype, batch_indices, deferred_sigint, resolve_device
-from .common import CKPT_FILE, LOG_FILE, SUMMARY_FILE, append_log, check_range, load_baseline_checkpoint, \
-    load_fields, sample_classes, write_samples
+from ..train import (TrainInterrupted, append_log, autocast_dtype, batch_indices, deferred_sigint, resolve_device,
+                     truncate_log)
+from .common import CKPT_FILE, LOG_FILE, SUMMARY_FILE, check_range, load_baseline_checkpoint, load_fields, \
+    sample_classes, write_samples
 
 KIND = "diffusion"
 
@@ -239,7 +240,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
         optimizer.load_state_dict(ckpt["optimizer"])
         start, best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
         elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        _truncate_log(log_path, start)
+        truncate_log(log_path, start)
     else:
         log_path.unlink(missing_ok=True)
 
@@ -290,7 +291,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
                 rate = d.batch_size * x_train.shape[1] * (done - last_it) / max(now - last_t, 1e-9)
                 last_t, last_it = now, done
                 # tokens_per_s counts weights per second, the GPT's tokens.
-                append_log(log_path, LOG_COLUMNS, [done, f"{lr:.6g}", f"{train_loss:.5f}", f"{val_loss:.5f}",
+                append_log(log_path, [done, f"{lr:.6g}", f"{train_loss:.5f}", f"{val_loss:.5f}",
                                                    f"{rate:.0f}", f"{elapsed():.1f}"])
                 bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
             if interrupted or last or done % d.ckpt_interval == 0:
@@ -363,16 +364,3 @@ def sample(cfg: RunConfig, run_dir: Path, progress: bool = True, labels: list[in
             "seconds_per_field": (time.perf_counter() - t0) / len(all_labels)}
     return write_samples(cfg, run_dir, fields, weights, all_labels, meta)
 
-
-def _truncate_log(path: Path, upto: int) -> None:
-    """Drop log rows written after the checkpoint we resume from."""
-    import csv
-
-    from ..artifacts import atomic_path
-
-    if not path.exists():
-        return
-    rows = list(csv.reader(path.open()))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= upto]
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        csv.writer(f).writerows(kept)

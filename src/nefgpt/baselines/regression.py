@@ -242,7 +242,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
                 steps = done - max(0, done - tc.eval_interval)
                 rate = tc.batch_size * spec.num_params * steps / max(now - last_t, 1e-9)
                 last_t = now
-                gpt_train._append_log(log_path, [done, f"{gpt_train.lr_at(it, tc):.6g}", f"{train_loss:.5f}",
+                gpt_train.append_log(log_path, [done, f"{gpt_train.lr_at(it, tc):.6g}", f"{train_loss:.5f}",
                                                  f"{val_loss:.5f}", f"{rate:.0f}", f"{now - t0:.1f}"])
                 bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             if done % tc.ckpt_interval == 0 and done < tc.max_iters:
