@@ -158,3 +158,19 @@ def test_cli_compare(tmp_path, capsys):
     assert main(["compare", str(a), str(b)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("nefgpt: error:") and "metrics.json" in err and "\n" not in err
+
+
+def test_sample_grids_side_by_side(tmp_path):
+    from PIL import Image
+
+    a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b", "diffusion")
+    for run, shade in ((a, 40), (b, 200)):
+        Image.new("RGB", (60, 50), (shade, shade, shade)).save(run / "samples_grid.png")
+    compare_runs([a, b], png_path=tmp_path / "grids.png")
+    with Image.open(tmp_path / "grids.png") as img:
+        assert img.width == 60 + 12 + 60 and img.height == 20 + 50
+        # Each run's grid sits in its own column, in the order given.
+        assert img.getpixel((30, 45))[0] == 40 and img.getpixel((72 + 30, 45))[0] == 200
+    (b / "samples_grid.png").unlink()
+    with pytest.raises(ArtifactError, match="samples_grid.png"):
+        compare_runs([a, b], png_path=tmp_path / "grids2.png")

@@ -168,18 +168,24 @@ def test_ctrl_c_saves_checkpoint_and_resume_is_bit_identical(base, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
-        while not ckpt.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline
-            time.sleep(0.002)
-        first = int(load_ckpt(run)["iter_num"])
 
-        # Meanwhile a second nefgpt on the same directory is refused, naming the running one.
+        def wait_for(ready) -> None:
+            while not ready():
+                assert proc.poll() is None, proc.communicate()
+                assert time.time() < deadline
+                time.sleep(0.002)
+
+        # While it runs, a second nefgpt on the same directory is refused, naming the running one. Checked as
+        # soon as it holds the lock, so the check's own time can't let the training finish before the Ctrl-C.
+        lock = run / ".nefgpt.lock"
+        wait_for(lambda: lock.exists() and lock.read_text().strip() == str(proc.pid))
         rc, err = call(["train", "--out", run, "--quiet", "--resume"])
         assert rc == 1
         assert err.strip().splitlines()[-1].startswith(f"nefgpt: error: {run} is in use by another nefgpt process (pid {proc.pid});")
 
-        time.sleep(rng.uniform(0, 0.3))
+        wait_for(ckpt.exists)
+        first = int(load_ckpt(run)["iter_num"])
+        time.sleep(rng.uniform(0, 0.05))
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:

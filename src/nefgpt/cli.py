@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", type=Path, nargs="+", help="evaluated run directories")
     compare.add_argument("--md", type=Path, help="write the Markdown table here")
     compare.add_argument("--json", type=Path, help="write the table as JSON here")
+    compare.add_argument("--png", type=Path, help="write every run's sample grid, side by side, here")
     compare.add_argument("--debug", action="store_true", help="show tracebacks")
     report = sub.add_parser("report", help="write a self-contained report.html for a run",
                             description="Write RUN_DIR/report.html: config, metrics, figures, images embedded.")
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from .compare import compare_runs
 
-            print(compare_runs(args.runs, md_path=args.md, json_path=args.json))
+            print(compare_runs(args.runs, md_path=args.md, json_path=args.json, png_path=args.png))
             return 0
         if args.command == "report":
             from .report import write_report

@@ -41,7 +41,8 @@ COLUMNS = (
 _REQUIRED = ("accuracy", "cross_entropy", "mmd", "cov", "1nna")
 
 
-def compare_runs(run_dirs: list[Path], md_path: Path | None = None, json_path: Path | None = None) -> str:
+def compare_runs(run_dirs: list[Path], md_path: Path | None = None, json_path: Path | None = None,
+                 png_path: Path | None = None) -> str:
     """The Markdown comparison table of `run_dirs`; also written to md_path / json_path when given.
 
     A warning about mismatched held-out sets goes to stderr and under the table.
@@ -54,7 +55,34 @@ def compare_runs(run_dirs: list[Path], md_path: Path | None = None, json_path: P
         write_bytes(md_path, (table + "\n").encode())
     if json_path is not None:
         save_json(json_path, {"rows": rows, "warnings": warnings})
+    if png_path is not None:
+        save_grids_side_by_side(png_path, run_dirs, _display_names(run_dirs))
     return table
+
+
+def save_grids_side_by_side(path: Path, run_dirs: list[Path], names: list[str]) -> None:
+    """Every run's samples_grid.png in one row, each titled with its run name."""
+    from PIL import Image, ImageDraw
+
+    from .figures import save_png
+
+    grids = []
+    for run_dir in run_dirs:
+        grid_path = run_dir / "samples_grid.png"
+        try:
+            with Image.open(grid_path) as img:
+                grids.append(img.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{grid_path}: can't read the sample grid ({exc})") from None
+    title_h, gap = 20, 12
+    width = sum(g.width for g in grids) + gap * (len(grids) - 1)
+    canvas = Image.new("RGB", (width, title_h + max(g.height for g in grids)), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for grid, name in zip(grids, names):
+        canvas.paste(grid, (x, title_h))
+        draw.text((x + 4, 4), name, fill=(0, 0, 0))
+        x += grid.width + gap
+    save_png(path, canvas)
 
 
 def collect_rows(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
