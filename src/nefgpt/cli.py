@@ -54,7 +54,6 @@ STAGES = ("fit", "tokenize", "train", "tune", "sample", "evaluate")
 STAGE_SECTIONS = {"fit": ("data", "fit"), "tokenize": ("tokenize",),
                   "train": ("train", "diffusion", "regression", "baseline"), "tune": ("tune",),
                   "sample": ("sample",), "evaluate": ("evaluate",)}
-SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 STAGES_FILE = "stages.json"
 
 
@@ -100,6 +99,8 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     overrides = list(args.set or [])
     overrides += [f"sample.{k}={v}" for k, v in _sample_overrides(args).items()]
     # A sampling setting given by hand wins over the one `tune` chose.
+    from .tune import SAMPLING_KEYS
+
     if any(o.split("=", 1)[0].strip() in {f"sample.{k}" for k in SAMPLING_KEYS} for o in overrides):
         overrides.append("sample.use_tuned=false")
     return config_mod.apply_overrides(cfg, overrides)

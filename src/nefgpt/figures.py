@@ -54,9 +54,9 @@ def pyplot():
     return plt
 
 
-def save_figure(path: Path, fig) -> None:
+def save_figure(path: Path, fig, **savefig_kwargs) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", **savefig_kwargs)
     pyplot().close(fig)
 
 

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from . import field  # noqa: E402
-from .artifacts import atomic_path  # noqa: E402
+from . import field
+from .figures import pyplot, save_figure
 
 
 def init_stats(weights: torch.Tensor, inits: torch.Tensor) -> dict:
@@ -44,6 +40,7 @@ def save_tokenizer_figure(path: Path, train_weights: torch.Tensor, codebook: tor
                           fitted: torch.Tensor, quantized: torch.Tensor, images: torch.Tensor) -> None:
     """Weight histogram with the code positions, and image / fitted / quantized renders of a few fields."""
     n = min(len(images), 6)
+    plt = pyplot()  # imported on first use: `fit` imports this module, and most commands draw nothing
     fig = plt.figure(figsize=(11, 4.2))
     grid = fig.add_gridspec(3, 2 + n, width_ratios=[3, 0.2] + [1] * n, wspace=0.08, hspace=0.1)
     ax = fig.add_subplot(grid[:, 0])
@@ -64,20 +61,16 @@ def save_tokenizer_figure(path: Path, train_weights: torch.Tensor, codebook: tor
             a.set_yticks([])
             if c == 0:
                 a.set_ylabel(title, fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(path, fig, dpi=110, bbox_inches="tight")
 
 
 def save_position_std_figure(path: Path, stds: dict[str, torch.Tensor]) -> None:
     """Per-position standard deviation across fields, one line per init mode."""
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    fig, ax = pyplot().subplots(figsize=(9, 3.2))
     for name, std in stds.items():
         ax.plot(std.numpy(), linewidth=0.7, label=name)
     ax.set_yscale("log")
     ax.set_xlabel("weight position (flatten order)")
     ax.set_ylabel("std across fields")
     ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(path, fig, dpi=110, bbox_inches="tight")
