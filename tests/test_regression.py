@@ -22,6 +22,7 @@ SETTINGS = [
     "fit.steps=10", "fit.anchor_steps=20", "tokenize.max_iters=10",
     "train.n_layer=1", "train.n_embd=32", "train.n_head=2", "train.batch_size=8", "train.dtype=fp32",
     "train.max_iters=6", "train.warmup_iters=2", "train.eval_interval=3", "train.ckpt_interval=3",
+    "train.p_uncond=0.0",  # plain conditional training, whatever the preset says
     "sample.n_per_class=3", "evaluate.classifier_epochs=1",
 ]
 

@@ -39,9 +39,9 @@ def test_candidate_settings_cover_the_grid_in_order_without_duplicates():
     cfg = TuneConfig(temperatures=[0.8, 1.0], top_ks=[0, 3, 3], top_ps=[1.0, 0.9])
     settings = candidate_settings(cfg, num_codes=245)
     assert len(settings) == 8
-    assert settings[0] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0}
-    assert settings[1] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9}
-    assert settings[-1] == {"temperature": 1.0, "top_k": 3, "top_p": 0.9}
+    assert settings[0] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "guidance": 1.0}
+    assert settings[1] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, "guidance": 1.0}
+    assert settings[-1] == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "guidance": 1.0}
     assert all(isinstance(s["top_k"], int) and isinstance(s["temperature"], float) for s in settings)
     cfg.budget = 3
     assert candidate_settings(cfg, 245) == settings[:3]
@@ -63,7 +63,7 @@ def test_random_search_draws_a_seeded_subset_of_the_grid():
 @pytest.mark.parametrize("change, word", [
     ({"top_ks": [0, 300]}, "top_k"), ({"top_ps": [0.0]}, "top_p"), ({"temperatures": [-1.0]}, "temperature"),
     ({"temperatures": []}, "tune.temperatures"), ({"min_accuracy": 1.5}, "tune.min_accuracy"),
-    ({"objective": "fid"}, "tune.objective"),
+    ({"objective": "fid"}, "tune.objective"), ({"guidances": [-1.0]}, "guidance"), ({"guidances": []}, "tune.guidances"),
 ])
 def test_bad_settings_are_refused_before_sampling(change, word):
     with pytest.raises(UsageError, match=word):
@@ -94,14 +94,15 @@ def test_without_an_eligible_setting_the_most_accurate_wins():
 def test_table_has_one_line_per_setting_and_the_best_in_bold():
     rows = [row(k=0, p=1.0, accuracy=0.5), row(k=3, p=0.9, accuracy=0.94)]
     lines = format_table(rows, 1, "nna_gap").splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| T | top-k | top-p |")
-    assert "**" not in lines[2] and lines[2].startswith("| 1 | – | – | 50.0% |")
-    assert lines[3].startswith("| **1** | **3** | **0.9** | **94.0%** |")
+    assert len(lines) == 4 and lines[0].startswith("| guidance | T | top-k | top-p |")
+    assert "**" not in lines[2] and lines[2].startswith("| 1 | 1 | – | – | 50.0% |")
+    assert lines[3].startswith("| **1** | **1** | **3** | **0.9** | **94.0%** |")
 
 
 def test_load_best_setting_reads_types_and_names_a_bad_file(tmp_path):
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 1, "top_k": 3.0, "top_p": 0.9, "accuracy": 0.9}})
-    assert load_best_setting(tmp_path) == {"temperature": 1.0, "top_k": 3, "top_p": 0.9}
+    # A tune.json written before guidance was tuned means plain conditional sampling.
+    assert load_best_setting(tmp_path) == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "guidance": 1.0}
     save_json(tmp_path / TUNE_FILE, {"settings": []})
     with pytest.raises(ArtifactError, match="tune.json"):
         load_best_setting(tmp_path)
@@ -122,6 +123,7 @@ TOY = [
     "train.batch_size=8", "train.warmup_iters=2", "train.eval_interval=3", "train.ckpt_interval=3",
     "sample.n_per_class=2", "evaluate.classifier_epochs=1",
     "tune.temperatures=[0.5, 1.0]", "tune.top_ks=[0, 2]", "tune.top_ps=[1.0]", "tune.min_accuracy=0.0",
+    "tune.guidances=[1.0]", "train.p_uncond=0.0",
 ]
 
 
@@ -158,7 +160,7 @@ def run_copy(tuned, tmp_path) -> Path:
 
 def sampling_used(run: Path) -> dict:
     meta = load_tensors(run / "samples.safetensors")[1]["sampling"]
-    return {k: meta[k] for k in ("temperature", "top_k", "top_p", "use_tuned")}
+    return {k: meta[k] for k in ("temperature", "top_k", "top_p", "guidance", "use_tuned")}
 
 
 def test_tune_writes_every_setting_and_the_best(tuned):
@@ -201,15 +203,15 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
     rc, err = call("tune", "--out", run_copy, "--quiet",
                    *sets("tune.temperatures=[0.6]", "tune.top_ks=[1]", "tune.top_ps=[0.8]"))
     assert rc == 0, err
-    assert load_best_setting(run_copy) == {"temperature": 0.6, "top_k": 1, "top_p": 0.8}
+    assert load_best_setting(run_copy) == {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "guidance": 1.0}
     rc, err = call("sample", "--out", run_copy, "--quiet")
     assert rc == 0 and "[sample] running" in err, err
-    assert sampling_used(run_copy) == {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "use_tuned": True}
+    assert sampling_used(run_copy) == {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "guidance": 1.0, "use_tuned": True}
 
     # A setting given by hand wins over the tuned one.
     rc, err = call("sample", "--out", run_copy, "--quiet", "--top-k", "4")
     assert rc == 0, err
-    assert sampling_used(run_copy) == {"temperature": 1.0, "top_k": 4, "top_p": 1.0, "use_tuned": False}
+    assert sampling_used(run_copy) == {"temperature": 1.0, "top_k": 4, "top_p": 1.0, "guidance": 1.0, "use_tuned": False}
 
 
 def test_evaluate_writes_its_figures(run_copy):
@@ -235,3 +237,23 @@ def test_tune_without_a_tuning_split_names_split_json(run_copy):
     assert rc == 1
     assert err.strip().splitlines()[-1].startswith("nefgpt: error:") and "split.json" in err and "tune_per_class" in err
     assert (run_copy / TUNE_FILE).read_bytes() == before  # the old result stays until a new one is complete
+
+
+def test_guidance_is_tuned_only_for_a_model_trained_with_the_null_class(run_copy):
+    before = (run_copy / TUNE_FILE).read_bytes()
+    rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets("tune.guidances=[1, 2]"))
+    assert rc == 2 and "p_uncond" in err and str(run_copy / "ckpt.pt") in err
+    assert (run_copy / TUNE_FILE).read_bytes() == before
+
+    rc, err = call("train", "--out", run_copy, "--quiet", *sets("train.p_uncond=0.2"))
+    assert rc == 0, err
+    rc, err = call("tune", "--out", run_copy, "--quiet", *sets("tune.guidances=[1, 2]", "tune.temperatures=[1.0]",
+                                                                  "tune.top_ks=[0]"))
+    assert rc == 0, err
+    rows = json.loads((run_copy / TUNE_FILE).read_text())["settings"]
+    assert [r["guidance"] for r in rows] == [1.0, 2.0]
+    assert rows[0]["accuracy"] != rows[1]["accuracy"] or rows[0]["mmd"] != rows[1]["mmd"]  # guidance changed samples
+    best = load_best_setting(run_copy)
+    rc, err = call("sample", "--out", run_copy, "--quiet")
+    assert rc == 0, err
+    assert sampling_used(run_copy) == {**best, "use_tuned": True}

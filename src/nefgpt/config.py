@@ -109,6 +109,8 @@ class TuneConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.8, 1.0])
     top_ks: list[int] = field(default_factory=lambda: [0, 3, 6])
     top_ps: list[float] = field(default_factory=lambda: [1.0, 0.9])
+    # Classifier-free guidance scales; values other than 1 need a model trained with train.p_uncond > 0.
+    guidances: list[float] = field(default_factory=lambda: [1.0])
     search: str = "grid"  # grid | random
     budget: int = 0  # at most this many settings (random search draws them); 0 = the whole grid
     objective: str = "nna_gap"  # nna_gap: |1-NNA - 0.5|; mmd; cov (maximized); accuracy (maximized)

@@ -89,32 +89,45 @@ def _annotated_map(ax, values: np.ndarray, text: list[list[str]], cmap: str, vmi
 
 
 def save_tune_heatmap(path: Path, rows: list[dict], best: dict) -> None:
-    """Accuracy and 1-NNA of the tuned settings over top-k x temperature, at the best setting's top-p.
+    """Accuracy and 1-NNA of the tuned settings over top-k x (temperature or guidance), at the best top-p.
 
+    The rows are the temperatures, at the best setting's guidance; where only one temperature was
+    tried but several guidance scales, the rows are the guidance scales instead.
     `rows` are tune.json's settings; cells that were not tried (random search) stay blank.
     The best setting's cell is framed.
     """
     plt = pyplot()
+    guidance = lambda r: r.get("guidance", 1.0)  # noqa: E731 - tune.json files from before guidance was tuned
     at_p = [r for r in rows if r["top_p"] == best["top_p"]]
-    temps = sorted({r["temperature"] for r in at_p})
+    by_guidance = len({r["temperature"] for r in at_p}) == 1 and len({guidance(r) for r in at_p}) > 1
+    if by_guidance:
+        row_key, row_label, row_of = "guidance", "guidance", guidance
+    else:
+        at_p = [r for r in at_p if guidance(r) == guidance(best)]
+        row_key, row_label, row_of = "temperature", "temperature", lambda r: r["temperature"]
+    ys = sorted({row_of(r) for r in at_p})
     ks = sorted({r["top_k"] for r in at_p}, key=lambda k: (k == 0, k))  # 0 (off) keeps the most tokens: last
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.2 * len(ks) * 2, 1.4 + 0.6 * len(temps)), dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.2 * len(ks) * 2, 1.4 + 0.6 * len(ys)), dpi=100)
     for ax, key, title, cmap, (vmin, vmax) in ((axes[0], "accuracy", "classifier accuracy", "viridis", (0, 1)),
                                                (axes[1], "1nna", "1-NNA (0.5 ideal)", "magma_r", (0.5, 1))):
-        values = np.full((len(temps), len(ks)), np.nan)
+        values = np.full((len(ys), len(ks)), np.nan)
         for r in at_p:
-            values[temps.index(r["temperature"]), ks.index(r["top_k"])] = r[key]
+            values[ys.index(row_of(r)), ks.index(r["top_k"])] = r[key]
         text = [[f"{v:.0%}" for v in row] for row in values]
         _annotated_map(ax, values, text, cmap, vmin, vmax)
         ax.set_xticks(range(len(ks)), [str(k) if k else "off" for k in ks])
-        ax.set_yticks(range(len(temps)), [f"{t:g}" for t in temps])
+        ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
         ax.set_xlabel("top-k")
-        ax.set_ylabel("temperature")
+        ax.set_ylabel(row_label)
         ax.set_title(title, fontsize=10)
-        bx, by = ks.index(best["top_k"]), temps.index(best["temperature"])
+        bx, by = ks.index(best["top_k"]), ys.index(row_of(best))
         ax.add_patch(plt.Rectangle((bx - 0.5, by - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    top_p = f"top-p {best['top_p']:g}" if best["top_p"] < 1 else "no top-p"
-    fig.suptitle(f"sampling settings on the tuning split, {top_p} (best framed)", fontsize=10)
+    fixed = [f"top-p {best['top_p']:g}" if best["top_p"] < 1 else "no top-p"]
+    if row_key == "guidance":
+        fixed.append(f"T {best['temperature']:g}")
+    elif guidance(best) != 1:
+        fixed.append(f"guidance {guidance(best):g}")
+    fig.suptitle(f"sampling settings on the tuning split, {', '.join(fixed)} (best framed)", fontsize=10)
     fig.tight_layout()
     save_figure(path, fig)
 

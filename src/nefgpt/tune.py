@@ -1,4 +1,4 @@
-"""Stage `tune`: search sampling settings (temperature x top-k x top-p) on the tuning split.
+"""Stage `tune`: search sampling settings (guidance x temperature x top-k x top-p) on the tuning split.
 
 Each setting samples the same number of fields per class with the trained GPT,
 renders them, and scores them against the rendered fields of the tuning split
@@ -31,14 +31,14 @@ from .errors import ArtifactError, UsageError
 from .evaluate import balanced_indices, get_classifier
 from .figures import save_tune_heatmap
 from .fit import SPLIT_FILE, load_nefs, load_split_images
-from .sample import check_sampling, generate
+from .sample import check_guidance, check_sampling, generate
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
 from .train import CKPT_FILE, load_model
 
 TUNE_FILE = "tune.json"
 TABLE_FILE = "tune_table.md"
 HEATMAP_FILE = "tune_heatmap.png"
-SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "guidance")
 # Fixed rather than sample.batch_size: how samples are batched decides which random draws each one gets,
 # and the tuning result should depend on the [tune] settings alone.
 BATCH_SIZE = 250
@@ -52,18 +52,19 @@ OBJECTIVES = {
 
 
 def load_best_setting(run_dir: Path) -> dict:
-    """The chosen {temperature, top_k, top_p} of a run's tune.json."""
+    """The chosen {temperature, top_k, top_p, guidance} of a run's tune.json (guidance 1 where it has none)."""
     path = run_dir / TUNE_FILE
     try:
         best = load_json(path)["best"]
-        return {"temperature": float(best["temperature"]), "top_k": int(best["top_k"]), "top_p": float(best["top_p"])}
+        return {"temperature": float(best["temperature"]), "top_k": int(best["top_k"]), "top_p": float(best["top_p"]),
+                "guidance": float(best.get("guidance", 1.0))}
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"{path}: no valid 'best' sampling setting; rerun `nefgpt tune --force`") from None
 
 
 def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     """The settings to try, in the order they are tried; each is checked before any sampling starts."""
-    for name in ("temperatures", "top_ks", "top_ps"):
+    for name in ("temperatures", "top_ks", "top_ps", "guidances"):
         if not getattr(cfg, name):
             raise UsageError(f"tune.{name} must list at least one value")
     if cfg.objective not in OBJECTIVES:
@@ -73,10 +74,10 @@ def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     if not 0 <= cfg.min_accuracy <= 1:
         raise UsageError(f"tune.min_accuracy must be in [0, 1], got {cfg.min_accuracy}")
     grid = []
-    for t, k, p in itertools.product(cfg.temperatures, cfg.top_ks, cfg.top_ps):
-        setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p)}
+    for g, t, k, p in itertools.product(cfg.guidances, cfg.temperatures, cfg.top_ks, cfg.top_ps):
+        setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p), "guidance": float(g)}
         try:
-            check_sampling(setting["temperature"], setting["top_k"], setting["top_p"], num_codes)
+            check_sampling(setting["temperature"], setting["top_k"], setting["top_p"], num_codes, setting["guidance"])
         except UsageError as exc:
             raise UsageError(f"tune: {exc}") from None
         if setting not in grid:
@@ -107,10 +108,10 @@ def format_table(rows: list[dict], best: int, objective: str) -> str:
     def fmt_k(k: int) -> str:
         return str(k) if k else "–"
 
-    lines = [f"| T | top-k | top-p | accuracy | CE | MMD | COV | 1-NNA | {objective} |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| guidance | T | top-k | top-p | accuracy | CE | MMD | COV | 1-NNA | {objective} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
-        cells = [f"{r['temperature']:g}", fmt_k(r["top_k"]), f"{r['top_p']:g}" if r["top_p"] < 1 else "–",
+        cells = [f"{r.get('guidance', 1.0):g}", f"{r['temperature']:g}", fmt_k(r["top_k"]), f"{r['top_p']:g}" if r["top_p"] < 1 else "–",
                  f"{r['accuracy']:.1%}", f"{r['cross_entropy']:.3f}", f"{r['mmd']:.4f}", f"{r['cov']:.1%}",
                  f"{r['1nna']:.1%}", f"{r['objective']:.4f}"]
         if i == best:
@@ -127,7 +128,7 @@ def _load_sampler(run_dir: Path):
     if model.config.block_size != spec.num_params + 2 or model.config.num_codes != vocab.num_codes:
         raise ArtifactError(f"{run_dir / CKPT_FILE}: model does not match the field architecture and codebook "
                             f"of {run_dir / TOKENIZER_FILE}")
-    return model, codebook, vocab, spec
+    return model, ckpt, codebook, vocab, spec
 
 
 def _tuning_reference(run_dir: Path, split: dict, weights: torch.Tensor, labels: torch.Tensor, spec: field.FieldSpec,
@@ -146,8 +147,11 @@ def _tuning_reference(run_dir: Path, split: dict, weights: torch.Tensor, labels:
 def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     t0 = time.time()
     tc = cfg.tune
-    model, codebook, vocab, spec = _load_sampler(run_dir)
+    model, ckpt, codebook, vocab, spec = _load_sampler(run_dir)
     settings = candidate_settings(tc, vocab.num_codes)
+    trained = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    for g in {s["guidance"] for s in settings}:
+        check_guidance(g, trained, str(run_dir / CKPT_FILE))
     split, images, labels = load_split_images(run_dir)
     if images.shape[-1] != 28:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: tuning expects 28x28 images, the dataset has "
@@ -171,7 +175,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
         gen = torch.Generator().manual_seed(tc.seed)
         tokens = torch.cat([
             generate(model, batch, vocab, spec.num_params, setting["temperature"], setting["top_k"], setting["top_p"],
-                     gen).cpu()
+                     gen, guidance=setting["guidance"]).cpu()
             for batch in gen_labels.split(BATCH_SIZE)
         ])
         images_gen = field.render(spec, codebook[tokens], 28)
