@@ -49,13 +49,11 @@ def run_point(base: Path, out: Path, name: str, overrides: dict[str, object]) ->
             "--set", f"train.ckpt_interval={overrides['max_iters'] // 4}"]
     print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
     subprocess.run(cmd, check=True)
-    summary = json.loads((run_dir / "train.json").read_text())
-    return {"name": name, **overrides, "params": summary["num_params"], "val_ce": summary["val_loss"],
-            "train_ce": summary["train_loss"], "minutes": summary["train_seconds"] / 60}
+    return read_point(name, run_dir)
 
 
 def read_point(name: str, run_dir: Path) -> dict:
-    """A point from a run trained elsewhere (the preset's own run), read from its train.json and config.json."""
+    """A trained point's row, from its run's train.json and the config.json it was trained with."""
     train = json.loads((run_dir / "config.json").read_text())["train"]
     summary = json.loads((run_dir / "train.json").read_text())
     return {"name": name, **{k: train[k] for k in ("n_layer", "n_head", "n_embd", "max_iters", "lr")},
@@ -95,8 +93,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         mark = "**" if r["val_ce"] == best else ""
         lines.append(f"| {mark}{r['name']}{mark} | {r['n_layer']} × {r['n_embd']} | {r['params'] / 1e6:.2f} M "
-                     f"| {r['max_iters']} | {r['lr']:g} | {r.get('p_uncond', 0.0):g} | {mark}{r['val_ce']:.3f}{mark} | {r['train_ce']:.3f} "
-                     f"| {r['minutes']:.1f} |")
+                     f"| {r['max_iters']} | {r['lr']:g} | {r.get('p_uncond', 0.0):g} | {mark}{r['val_ce']:.3f}{mark} "
+                     f"| {r['train_ce']:.3f} | {r['minutes']:.1f} |")
     return "\n".join(lines)
 
 

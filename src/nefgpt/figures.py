@@ -101,10 +101,10 @@ def save_tune_heatmap(path: Path, rows: list[dict], best: dict) -> None:
     at_p = [r for r in rows if r["top_p"] == best["top_p"]]
     by_guidance = len({r["temperature"] for r in at_p}) == 1 and len({guidance(r) for r in at_p}) > 1
     if by_guidance:
-        row_key, row_label, row_of = "guidance", "guidance", guidance
+        row_key, row_of = "guidance", guidance
     else:
         at_p = [r for r in at_p if guidance(r) == guidance(best)]
-        row_key, row_label, row_of = "temperature", "temperature", lambda r: r["temperature"]
+        row_key, row_of = "temperature", lambda r: r["temperature"]
     ys = sorted({row_of(r) for r in at_p})
     ks = sorted({r["top_k"] for r in at_p}, key=lambda k: (k == 0, k))  # 0 (off) keeps the most tokens: last
     fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.2 * len(ks) * 2, 1.4 + 0.6 * len(ys)), dpi=100)
@@ -118,7 +118,7 @@ def save_tune_heatmap(path: Path, rows: list[dict], best: dict) -> None:
         ax.set_xticks(range(len(ks)), [str(k) if k else "off" for k in ks])
         ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
         ax.set_xlabel("top-k")
-        ax.set_ylabel(row_label)
+        ax.set_ylabel(row_key)
         ax.set_title(title, fontsize=10)
         bx, by = ks.index(best["top_k"]), ys.index(row_of(best))
         ax.add_patch(plt.Rectangle((bx - 0.5, by - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))

@@ -135,13 +135,14 @@ def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, t
     return out[:b]
 
 
-def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
-    codebook, vocab, spec, tok_id = load_tokenizer(run_dir / TOKENIZER_FILE)
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance)
+def trained_config(ckpt: dict) -> dict:
+    """The train config a checkpoint was made with; {} for a checkpoint that carries none."""
+    return ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
+
+
+def load_checked_model(run_dir: Path, vocab: Vocab, spec: field.FieldSpec, tok_id: str) -> tuple[GPT, dict]:
+    """The run's GPT and checkpoint, refused unless it was trained with this tokenizer and field architecture."""
     model, ckpt = load_model(run_dir)
-    trained = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    check_guidance(cfg.guidance, trained, str(run_dir / CKPT_FILE))
-    conditioned = trained.get("conditioning", "class") == "class"
     if ckpt.get("tokenizer_id") != tok_id:
         raise ArtifactError(f"{run_dir / CKPT_FILE}: trained with another tokenizer than {run_dir / TOKENIZER_FILE}")
     mc = model.config
@@ -151,6 +152,16 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     if mc.block_size != spec.num_params + 2:
         raise ArtifactError(f"{run_dir / CKPT_FILE}: model generates {mc.block_size - 2} weights, but the field "
                             f"architecture {spec.to_meta()} in {run_dir / TOKENIZER_FILE} has {spec.num_params}")
+    return model, ckpt
+
+
+def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
+    codebook, vocab, spec, tok_id = load_tokenizer(run_dir / TOKENIZER_FILE)
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance)
+    model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
+    trained = trained_config(ckpt)
+    check_guidance(cfg.guidance, trained, str(run_dir / CKPT_FILE))
+    conditioned = trained.get("conditioning", "class") == "class"
     if labels and not conditioned:
         raise UsageError(f"{run_dir / CKPT_FILE} is an unconditional model (train.conditioning = none): "
                          "it cannot sample chosen classes; leave out --label")

@@ -31,9 +31,9 @@ from .errors import ArtifactError, UsageError
 from .evaluate import balanced_indices, get_classifier
 from .figures import save_tune_heatmap
 from .fit import SPLIT_FILE, load_nefs, load_split_images
-from .sample import check_guidance, check_sampling, generate
+from .sample import check_guidance, check_sampling, generate, load_checked_model, trained_config
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
-from .train import CKPT_FILE, load_model
+from .train import CKPT_FILE
 
 TUNE_FILE = "tune.json"
 TABLE_FILE = "tune_table.md"
@@ -111,24 +111,14 @@ def format_table(rows: list[dict], best: int, objective: str) -> str:
     lines = [f"| guidance | T | top-k | top-p | accuracy | CE | MMD | COV | 1-NNA | {objective} |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
-        cells = [f"{r.get('guidance', 1.0):g}", f"{r['temperature']:g}", fmt_k(r["top_k"]), f"{r['top_p']:g}" if r["top_p"] < 1 else "–",
+        cells = [f"{r.get('guidance', 1.0):g}", f"{r['temperature']:g}", fmt_k(r["top_k"]),
+                 f"{r['top_p']:g}" if r["top_p"] < 1 else "–",
                  f"{r['accuracy']:.1%}", f"{r['cross_entropy']:.3f}", f"{r['mmd']:.4f}", f"{r['cov']:.1%}",
                  f"{r['1nna']:.1%}", f"{r['objective']:.4f}"]
         if i == best:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _load_sampler(run_dir: Path):
-    codebook, vocab, spec, tok_id = load_tokenizer(run_dir / TOKENIZER_FILE)
-    model, ckpt = load_model(run_dir)
-    if ckpt.get("tokenizer_id") != tok_id:
-        raise ArtifactError(f"{run_dir / CKPT_FILE}: trained with another tokenizer than {run_dir / TOKENIZER_FILE}")
-    if model.config.block_size != spec.num_params + 2 or model.config.num_codes != vocab.num_codes:
-        raise ArtifactError(f"{run_dir / CKPT_FILE}: model does not match the field architecture and codebook "
-                            f"of {run_dir / TOKENIZER_FILE}")
-    return model, ckpt, codebook, vocab, spec
 
 
 def _tuning_reference(run_dir: Path, split: dict, weights: torch.Tensor, labels: torch.Tensor, spec: field.FieldSpec,
@@ -147,11 +137,11 @@ def _tuning_reference(run_dir: Path, split: dict, weights: torch.Tensor, labels:
 def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     t0 = time.time()
     tc = cfg.tune
-    model, ckpt, codebook, vocab, spec = _load_sampler(run_dir)
+    codebook, vocab, spec, tok_id = load_tokenizer(run_dir / TOKENIZER_FILE)
+    model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
     settings = candidate_settings(tc, vocab.num_codes)
-    trained = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     for g in {s["guidance"] for s in settings}:
-        check_guidance(g, trained, str(run_dir / CKPT_FILE))
+        check_guidance(g, trained_config(ckpt), str(run_dir / CKPT_FILE))
     split, images, labels = load_split_images(run_dir)
     if images.shape[-1] != 28:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: tuning expects 28x28 images, the dataset has "
