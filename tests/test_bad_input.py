@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nefgpt import artifacts
-from nefgpt.errors import ArtifactError, NefgptError
+from nefgpt.errors import ArtifactError, NefgptError, UsageError
 from nefgpt.field import FieldSpec
 from test_cli import assert_one_error_line, call, toy_settings
 
@@ -132,6 +132,19 @@ def test_missing_run_directory_is_not_created(tmp_path):
             continue
         fails(target, [cmd, "--out", target, "--quiet"], 1, str(target), "run directory not found")
         assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file"])
+@pytest.mark.parametrize("cmd", ["fit", "tokenize", "train", "tune", "sample", "evaluate", "run", "pretrained"])
+def test_out_that_is_a_file_or_under_one(tmp_path, cmd, kind):
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a directory\n")
+    out = afile if kind == "file" else afile / "sub" / "run"
+    argv = ["sample", "--pretrained", "mnist"] if cmd == "pretrained" else [cmd]
+    words = ("not a directory", "a file of that name exists") if kind == "file" else (
+        "can't be a run directory", f"{afile} is a file, not a directory")
+    fails(out, [*argv, "--out", out, "--quiet"], 1, str(out), *words)
+    assert afile.read_bytes() == b"not a directory\n" and sorted(tmp_path.iterdir()) == [afile]
 
 
 # --- row 2: truncated, not the format at all, wrong dtype or shape ---
@@ -301,6 +314,32 @@ def test_negative_label(run):
 
 
 # --- row 7: datasets (unit tests of every case are in test_data.py; here the CLI end to end) ---
+
+
+@pytest.mark.parametrize("argv", [["sample", "-n", "100000000"], ["run", "-n", "100000000"],
+                                  ["sample", "--set", "sample.n_per_class=100000000"],
+                                  ["sample", "--label", "3", "-n", "100000000"]])
+def test_absurd_sample_count_is_refused_before_any_work(run, argv):
+    before = snapshot(run)
+    line = fails(run, [argv[0], "--out", run, "--quiet", *argv[1:]], 2, "sample.n_per_class = 100000000",
+                 "estimated", "of memory")
+    assert "TiB" in line  # 10^9 fields of 561 weights
+    assert_unchanged(run, before)
+
+
+def test_sampling_size_estimates(monkeypatch):
+    from nefgpt import sample
+
+    assert sample.check_sampling_size(50, 10, 561) is None  # the default: 500 fields, about a minute at most
+    warning = sample.check_sampling_size(10_000, 10, 561, 0.05, measured=True)
+    assert warning.startswith("nefgpt: warning: sampling 100000 fields") and "estimated 1.4 h" in warning
+    assert "measured" in warning
+    assert "rough CPU figure" in sample.check_sampling_size(10_000, 10, 561)
+    monkeypatch.setattr(sample, "physical_memory", lambda: 2 * 2**30)  # a 2 GiB machine
+    with pytest.raises(UsageError, match=r"sample.n_per_class = 10000: 100000 fields .* estimated 1.3 GiB"):
+        sample.check_sampling_size(10_000, 10, 561)
+    monkeypatch.setattr(sample, "physical_memory", lambda: None)  # unknown: no memory cap, only the warning
+    assert "estimated" in sample.check_sampling_size(10_000, 10, 561)
 
 
 def _npz(path: Path, **arrays) -> Path:
@@ -524,6 +563,30 @@ def test_one_dimensional_weights_in_nefs(tmp_path):
                            {"field": FieldSpec().to_meta()})
     with pytest.raises(ArtifactError, match="weights"):
         load_nefs(tmp_path)
+
+
+@pytest.mark.parametrize("writer", ["tensors", "checkpoint", "json", "npz", "png", "figure"])
+def test_every_writer_gives_the_plain_open_mode(tmp_path, monkeypatch, writer):
+    """Under umask 027 every kind of artifact is 0640, like a file made by open(); none stays 0600."""
+    from nefgpt import figures, sample
+
+    path = tmp_path / f"artifact.{writer}"
+    write = {
+        "tensors": lambda: artifacts.save_tensors(path, {"w": torch.zeros(3)}),  # save_file recreates the file
+        "checkpoint": lambda: artifacts.save_checkpoint(path, {"model": {}}),
+        "json": lambda: artifacts.save_json(path, {}),
+        "npz": lambda: sample.save_images_npz(path, torch.zeros(2, 28, 28), torch.zeros(2, dtype=torch.long)),
+        "png": lambda: figures.save_sample_grid(path, torch.zeros(2, 28, 28), torch.zeros(2, dtype=torch.long)),
+        "figure": lambda: figures.save_figure(path, figures.pyplot().figure(figsize=(1, 1))),  # matplotlib
+    }[writer]
+    monkeypatch.setattr(artifacts, "_UMASK", 0o027)
+    old = os.umask(0o027)
+    try:
+        write()
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o7777) == oct((tmp_path / "plain").stat().st_mode & 0o7777) == oct(0o640)
 
 
 def test_artifacts_get_the_mode_a_plain_open_would_give(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nefgpt.artifacts import load_checkpoint, load_tensors
-from nefgpt.baselines import diffusion, gaussian
+from nefgpt.baselines import diffusion, gaussian, marginals
 from nefgpt.baselines.common import load_fields
 from nefgpt.cli import main
 from nefgpt.config import RunConfig, apply_overrides
@@ -191,6 +191,90 @@ def test_copy_noise_tunes_its_scale_and_is_scored(fitted, tmp_path):
     moved = ckpt["model"]["std"] > 0  # weights that stayed at the anchor's value in every field have no spread
     rel = (samples["weights"] - nefs["weights"][samples["source_rows"]])[:, moved] / ckpt["model"]["std"][moved]
     assert abs(float(rel.std()) / summary["noise_scale"] - 1) < 0.05
+
+
+# ---------------------------------------------------------------- per-position marginals
+
+
+def test_marginal_draws_match_the_counts():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 6, (7, 5), generator=g)  # 7 positions, 5 codes
+    counts[:, 2] = 0  # a code never seen at any position
+    counts[3] = torch.tensor([0, 0, 0, 9, 0])  # one position always has the same code
+    n = 20_000
+    codes = marginals.draw(counts, n, 1.0, g)
+    assert codes.shape == (n, 7) and codes.dtype == torch.int64
+    freq = torch.nn.functional.one_hot(codes, 5).double().mean(0)  # (7, 5)
+    p = counts.double() / counts.sum(1, keepdim=True)
+    assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all())
+    assert not bool((codes == 2).any()) and bool((codes[:, 3] == 3).all())
+    # Temperature applies to the log-frequencies: 0 is each position's most frequent code, T < 1 sharpens.
+    assert torch.equal(marginals.draw(counts, 3, 0.0, g), counts.argmax(1).expand(3, -1))
+    sharp = marginals.sampling_probs(counts, 0.5)
+    torch.testing.assert_close(sharp, counts.double() ** 2 / (counts.double() ** 2).sum(1, keepdim=True))
+
+
+def test_marginal_counts_and_cross_entropy_by_hand():
+    tokens = torch.tensor([[0, 1], [0, 2], [1, 2]])
+    labels = torch.tensor([0, 0, 1])
+    counts = marginals.code_counts(tokens, labels, num_classes=2, num_codes=3)
+    assert counts.tolist() == [[[2, 0, 0], [0, 1, 1]], [[0, 1, 0], [0, 0, 1]]]
+    # Add-one smoothing: class 0, position 0 gives code 0 (2 + 1) / (2 + 3); an unseen code still gets 1 / 5.
+    ce = marginals.cross_entropy(counts, torch.tensor([[0, 0]]), torch.tensor([0]))
+    assert ce == pytest.approx(-(math.log(3 / 5) + math.log(1 / 5)) / 2)
+    none = torch.empty(0, 2, dtype=torch.long)
+    assert marginals.cross_entropy(counts, none, torch.empty(0, dtype=torch.long)) is None
+
+
+def test_marginals_trains_samples_and_is_scored(fitted, tmp_path):
+    from nefgpt.tokenizer import load_tokenizer, load_tokens
+
+    run = run_copy(fitted, tmp_path)
+    settings = [*fitted[1], "train.model=marginals"]
+    stages(run, settings, "train", "sample", "evaluate")
+    metrics = check_scored(run, "marginals", 20)
+    assert metrics["diversity_ratio"] is None or metrics["diversity_ratio"] >= 0
+    summary = json.loads((run / "train.json").read_text())
+    tok = load_tokenizer(run / "tokenizer.safetensors")
+    k = tok.vocab.num_codes
+    # 3 training fields per class: a held-out token scores at best log((3 + k) / 4), at worst log(3 + k).
+    assert math.log((3 + k) / 4) <= summary["train_loss"] < summary["val_loss"] <= math.log(3 + k) + 1e-9
+    assert summary["uniform_loss"] == pytest.approx(math.log(k)) and 0 <= summary["heldout_unseen_rate"] <= 1
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    counts = ckpt["model"]["counts"]
+    fields = load_fields(config_of(run), run, "train")
+    tokens, _ = load_tokens(run, tok.id)
+    assert torch.equal(counts.long(), marginals.code_counts(tokens[fields.rows], fields.labels, 10, k))
+    assert counts.sum().item() == len(fields.rows) * 561
+
+    # Many samples of one class: each position's code frequencies approach the class's histogram there.
+    rc, _, err = call(["sample", "--out", run, "--quiet", "--label", "3", "-n", "3000", *sets(settings)])
+    assert rc == 0, err
+    samples, meta = load_tensors(run / "samples.safetensors")
+    assert meta["model"] == "marginals" and meta["sampling"]["temperature"] == 1.0
+    codes = samples["codes"].long()
+    assert torch.equal(samples["weights"], tok.decode(codes)) and samples["labels"].unique().tolist() == [3]
+    p = counts[3].double() / counts[3].sum(1, keepdim=True)  # (561, k)
+    freq = torch.zeros_like(p).scatter_add_(1, codes.T, torch.ones(codes.T.shape, dtype=torch.float64)) / len(codes)
+    assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / len(codes)).sqrt() + 1e-12).all())
+    assert not bool(((freq > 0) & (counts[3] == 0)).any())  # a code never counted at a position is never drawn
+
+    # `compare` shows its row, with the diversity ratio column.
+    stages(run, settings, "sample", "evaluate")
+    rc, out, err = call(["compare", run])
+    assert rc == 0, err
+    assert "diversity ratio" in out.splitlines()[0]
+    assert any(line.startswith("| marginals | run |") for line in out.splitlines())
+
+
+def test_marginals_refuses_counts_of_another_tokenizer(fitted, tmp_path):
+    run = run_copy(fitted, tmp_path)
+    settings = [*fitted[1], "train.model=marginals"]
+    stages(run, settings, "train")
+    rc, _, err = call(["tokenize", "--out", run, "--quiet", "--force", *sets([*settings, "tokenize.num_codes=100"])])
+    assert rc == 0, err
+    rc, _, err = call(["sample", "--out", run, "--quiet", *sets([*settings, "tokenize.num_codes=100"])])
+    assert rc == 1 and "ckpt.pt" in err and "tokenizer" in err
 
 
 # ---------------------------------------------------------------- diffusion

@@ -59,10 +59,26 @@ def test_two_runs_give_rows_and_ceiling(tmp_path):
     lines = table.splitlines()
     assert lines[0].startswith("| method | run | accuracy | CE | MMD")
     assert len(lines) == 2 + 3  # header, rule, two runs, ceiling
-    assert lines[2] == "| gpt | gpt_run | 90.0% | 0.300 | 0.2500 | 40.0% | 80.0% | 6.6% | 0.0123 | 42.0 |"
-    assert lines[3] == "| diffusion | diff_run | 50.0% | 0.300 | 0.3000 | 40.0% | 80.0% | 6.6% | – | – |"
-    assert lines[4] == "| real-data ceiling | gpt_run | 99.8% | 0.018 | 0.1900 | 58.0% | 49.0% | 5.0% | – | – |"
+    # fake_metrics is a metrics.json from before the diversity ratio was measured: its cells show "–".
+    assert lines[2] == "| gpt | gpt_run | 90.0% | 0.300 | 0.2500 | 40.0% | 80.0% | – | 6.6% | 0.0123 | 42.0 |"
+    assert lines[3] == "| diffusion | diff_run | 50.0% | 0.300 | 0.3000 | 40.0% | 80.0% | – | 6.6% | – | – |"
+    assert lines[4] == "| real-data ceiling | gpt_run | 99.8% | 0.018 | 0.1900 | 58.0% | 49.0% | – | 5.0% | – | – |"
     assert "warning" not in table
+
+
+def test_diversity_ratio_column(tmp_path):
+    m = fake_metrics()
+    m["diversity_ratio"] = 0.8125
+    m["ceiling"]["diversity_ratio"] = 1.02
+    a, b = make_run(tmp_path / "new", metrics=m), make_run(tmp_path / "old")  # old: no diversity ratio
+    lines = compare_runs([a, b]).splitlines()
+    assert "| 1-NNA (50% ideal) | diversity ratio (1 ideal) | near-copy rate |" in lines[0]
+    assert "| 80.0% | 0.812 | 6.6% |" in lines[2] and "| 80.0% | – | 6.6% |" in lines[3]
+    assert lines[4].startswith("| real-data ceiling | new |") and "| 49.0% | 1.020 | 5.0% |" in lines[4]
+    m["diversity_ratio"] = "high"
+    make_run(tmp_path / "bad", metrics=m)
+    with pytest.raises(ArtifactError, match="diversity_ratio"):
+        compare_runs([tmp_path / "bad"])
 
 
 def test_writes_markdown_and_json(tmp_path):

@@ -46,7 +46,10 @@ def test_seed_preset_is_the_talks_setup():
 def test_cpu_preset_defaults():
     cfg = load_preset("cpu")
     assert cfg.fit.hidden == [16, 16] and cfg.fit.octaves == 4 and cfg.fit.init == "shared"
-    assert cfg.sample.top_k == 3 and cfg.sample.top_p == 1.0 and cfg.sample.temperature == 1.0
+    # The fallback without tune.json: no top-k (it collapses each class onto one shape), T 0.8.
+    assert cfg.sample.top_k == 0 and cfg.sample.top_p == 1.0 and cfg.sample.temperature == 0.8
+    # Budgeted training and tuning, so the whole run fits 30 minutes on an AVX2-only CPU too.
+    assert cfg.train.max_minutes == 15 and cfg.tune.max_minutes == 4 and cfg.tune.objective == "balanced"
     assert cfg.data.dataset == "mnist" and cfg.data.heldout_per_class == 50 and cfg.sample.n_per_class == 50
 
 
@@ -158,11 +161,31 @@ def test_invalid_values_raise_usage_error(item, word):
     ("sample.top_p=0", "top_p"),
     ("sample.top_p=1.5", "top_p"),
     ("sample.top_k=246", "top_k"),
+    ("sample.min_p=1", "sample.min_p"),
+    ("sample.min_p=-0.1", "sample.min_p"),
+    ("sample.min_p=nan", "sample.min_p"),
+    ('sample.explicit=["n_per_class"]', "sample.explicit"),
+    ("tune.min_ps=[0.0, 1.0]", "tune.min_ps"),
+    ("tune.max_minutes=-1", "tune.max_minutes"),
+    ("tune.max_minutes=nan", "tune.max_minutes"),
+    ("tune.objective=fid", "tune.objective"),
+    ("train.model=histogram", "train.model"),
 ])
 def test_invalid_sampling_values_are_caught_by_validation(item, word):
     # Rejected with the configuration, before a stage runs or config.json is saved.
     with pytest.raises(UsageError, match=word):
         apply_overrides(RunConfig(), [item])
+
+
+def test_sampling_and_tuning_keys_added_for_min_p_diversity_and_budgets():
+    cfg = apply_overrides(RunConfig(), ["sample.min_p=0.05", 'sample.explicit=["temperature", "min_p"]',
+                                        "tune.min_ps=[0, 0.1]", "tune.max_minutes=2.5", "tune.objective=balanced",
+                                        "train.model=marginals"])
+    assert cfg.sample.min_p == 0.05 and cfg.sample.explicit == ["temperature", "min_p"]
+    assert cfg.tune.min_ps == [0.0, 0.1] and cfg.tune.max_minutes == 2.5 and cfg.tune.objective == "balanced"
+    assert cfg.train.model == "marginals"
+    d = RunConfig()
+    assert d.sample.min_p == 0.0 and d.sample.explicit == [] and d.tune.min_ps == [0.0] and d.tune.max_minutes == 0.0
 
 
 def test_zero_steps_are_allowed():

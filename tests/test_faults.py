@@ -32,6 +32,7 @@ SETTINGS = [
     "tokenize.max_iters=10",
     f"train.max_iters={MAX_ITERS}", "train.n_layer=1", "train.n_embd=32", "train.n_head=2", "train.batch_size=8",
     "train.warmup_iters=2", "train.eval_interval=10", "train.ckpt_interval=5",
+    "train.max_minutes=0",  # resume is bit-identical only in fixed-iteration mode (no wall-clock in the schedule)
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -212,6 +213,162 @@ def test_ctrl_c_saves_checkpoint_and_resume_is_bit_identical(base, tmp_path):
     rc, err = call(["train", "--out", run, "--quiet", "--resume"])
     assert rc == 0, err
     assert_same_training(run, base["train_ref"])
+
+
+def default_signals_at_low_priority() -> None:
+    """The signal tests' children: default SIGINT and SIGTERM (a suite started in the background inherits an
+    ignored SIGINT, which nefgpt rightly keeps ignoring), and the lowest priority, so that on a loaded machine
+    the test still sends its signal before the toy stage is done."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.nice(19)
+
+
+def signal_when(argv: list, ready: Callable[[], bool], sig: int, delay: float = 0.0,
+                timeout: float = 180) -> tuple[int, str]:
+    """Start `nefgpt ARGV` as a real process, poll until `ready()`, wait `delay` s, send `sig`; (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "nefgpt.cli", *map(str, argv)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals_at_low_priority)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, f"finished before the signal: {proc.communicate()}"
+            assert time.time() < deadline, "the child never reached the signal point"
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def assert_one_nefgpt_line(err: str, expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("nefgpt:")] == [expected], err
+    assert lines[-1] == expected and "Traceback" not in err, err
+
+
+def test_sigterm_during_train_saves_checkpoint_exits_143_and_resume_is_bit_identical(base, tmp_path):
+    rng = random.Random(15)
+    run = train_copy(base, tmp_path / "run")
+    ckpt = run / "ckpt.pt"
+    rc, err = signal_when(["train", "--out", run, "--quiet"], ckpt.exists, signal.SIGTERM, rng.uniform(0, 0.05))
+    assert rc == 143, err
+    n = int(load_ckpt(run)["iter_num"])  # weights_only=True
+    assert 0 < n < MAX_ITERS
+    assert_one_nefgpt_line(err, f"nefgpt: terminated at iteration {n}; checkpoint saved to {ckpt} (resume with --resume)")
+    assert not (run / "train.json").exists()
+    assert not list(run.glob(".*.tmp"))
+
+    rc, err = call(["train", "--out", run, "--quiet", "--resume"])
+    assert rc == 0, err
+    assert_same_training(run, base["train_ref"])  # the checkpoint was of a step boundary
+
+
+def test_sigterm_during_fit_exits_143_and_leaves_no_partial_artifact(base, tmp_path):
+    rng = random.Random(143)
+    run = tmp_path / "run"
+    argv = ["fit", "--out", run, "--quiet", *settings(base["npz"])]
+
+    def chunk_written() -> bool:
+        return any((run / "fit_chunks").glob("chunk_*.safetensors"))
+
+    rc, err = signal_when(argv, chunk_written, signal.SIGTERM, rng.uniform(0, 0.05))
+    assert rc == 143, err
+    assert_one_nefgpt_line(err, "nefgpt: terminated during fit; no partial artifact was kept "
+                                "(run the command again to finish it)")
+    nefs = run / "nefs.safetensors"
+    if nefs.exists():  # only if the signal came after the last write
+        load_tensors(nefs)
+    for chunk in (run / "fit_chunks").glob("chunk_*.safetensors"):
+        load_tensors(chunk)  # every chunk left is whole
+
+    rc, err = call(argv)  # the next command clears stale temporary files as it starts, and resumes the fit
+    assert rc == 0, err
+    assert not list(run.glob(".*.tmp")) and not (run / "fit_chunks").exists()
+    got, _ = load_tensors(nefs)
+    want, _ = load_tensors(base["run"] / "nefs.safetensors")
+    assert_same(got, want, "nefs")
+
+
+def test_sigterm_in_a_stage_unwinds_removes_its_temp_file_and_releases_the_lock(base, tmp_path, monkeypatch):
+    """In-process: SIGTERM mid-write of an artifact (inside atomic_path) exits 143 with one line, deletes the
+    temporary file, keeps the old artifact, releases the run lock and restores the caller's SIGTERM handler."""
+    from nefgpt import artifacts, tokenizer
+
+    run = train_copy(base, tmp_path / "run")
+    old = (run / "tokens.safetensors").read_bytes()
+
+    def stage(*args, **kwargs):
+        with artifacts.atomic_path(run / "tokens.safetensors") as tmp:
+            tmp.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs at the next bytecode; this loop is only a bound
+                time.sleep(0.001)
+        raise AssertionError("SIGTERM did not stop the stage")
+
+    monkeypatch.setattr(tokenizer, "run_tokenize", stage)
+    seen = []
+
+    def handler(signum, frame) -> None:
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        rc, err = call(["tokenize", "--out", run, "--quiet", "--force"])
+        assert signal.getsignal(signal.SIGTERM) is handler and not seen
+        os.kill(os.getpid(), signal.SIGTERM)  # main() put the caller's handler back
+        for _ in range(100):
+            if seen:
+                break
+            time.sleep(0.001)
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == 143, err
+    assert_one_nefgpt_line(err, "nefgpt: terminated during tokenize; no partial artifact was kept "
+                                "(run the command again to finish it)")
+    assert (run / "tokens.safetensors").read_bytes() == old
+    assert not list(run.glob(".*.tmp"))
+    hold_lock(run, 1).close()  # free: nothing holds it any more
+
+
+def test_deferred_signals_record_the_signal_and_keep_ignored_ones_ignored():
+    from nefgpt.train import deferred_signals
+
+    got = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: got.append(("previous", signum)))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with deferred_signals() as hits:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # inherited ignore (nohup, `cmd &`) kept
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert hits == [signal.SIGTERM] and not got  # deferred: only recorded
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one goes to the previous handler at once
+            time.sleep(0.01)
+            assert got == [("previous", signal.SIGTERM)] and hits == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with deferred_signals() as hits:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert hits == [signal.SIGINT]
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with deferred_signals() as hits:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def hold_lock(run: Path, pid: int):

@@ -218,11 +218,12 @@ finite_logits = st.integers(1, 8).flatmap(lambda v: st.lists(
 
 @fuzz(300)
 @given(rows=finite_logits, temperature=st.sampled_from([0.0, 1e-30, 1e-6, 0.5, 1.0, 7.0, 1e30]) | st.floats(0, 100),
-       top_k=st.integers(0, 8), top_p=st.floats(1e-9, 1.0) | st.just(1.0))
-def test_filter_logits_is_a_distribution(rows, temperature, top_k, top_p):
+       top_k=st.integers(0, 8), top_p=st.floats(1e-9, 1.0) | st.just(1.0),
+       min_p=st.just(0.0) | st.floats(0.0, 1.0, exclude_max=True) | st.sampled_from([1e-30, 0.5, 1 - 1e-9]))
+def test_filter_logits_is_a_distribution(rows, temperature, top_k, top_p, min_p):
     logits = torch.tensor(rows, dtype=torch.float32)
     top_k = min(top_k, logits.shape[1])
-    probs = filter_logits(logits, temperature, top_k, top_p)
+    probs = filter_logits(logits, temperature, top_k, top_p, min_p)
     assert probs.shape == logits.shape
     assert torch.isfinite(probs).all() and (probs >= 0).all()
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(len(rows)), atol=1e-5, rtol=0)

@@ -10,6 +10,9 @@ from skimage.metrics import structural_similarity
 from nefgpt.errors import UsageError
 from nefgpt.metrics import (
     coverage,
+    diversity_by_class,
+    diversity_ratio,
+    mean_pairwise_distance,
     mmd,
     nearest_distance,
     nearest_k,
@@ -286,3 +289,54 @@ def test_skimage_reference_uses_an_11_tap_window():
     with pytest.raises(ValueError):
         structural_similarity(np.zeros((10, 10)), np.zeros((10, 10)), **kw)
     assert structural_similarity(np.zeros((11, 11)), np.zeros((11, 11)), **kw) == 1.0
+
+
+# --- within-class diversity ratio ---
+
+
+def test_diversity_ratio_of_identical_sets_is_one(mnist):
+    x, y = mnist[0][:60], mnist[1][:60]
+    assert diversity_ratio(x, y, x, y) == pytest.approx(1.0, abs=1e-12)
+    # Neither order nor set sizes matter: a mean over pairs.
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(0))
+    assert diversity_ratio(x[perm], y[perm], x, y) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_diversity_ratio_of_copies_of_one_image_is_zero(mnist):
+    x, y = mnist[0][:60], mnist[1][:60]
+    copies = torch.cat([x[(y == c).nonzero()[0]].expand(5, -1, -1) for c in y.unique()])
+    labels = y.unique().repeat_interleave(5)
+    assert diversity_ratio(copies, labels, x, y) == pytest.approx(0.0, abs=1e-6)
+    by_class = diversity_by_class(copies, labels, x, y)
+    assert all(v["generated"] == pytest.approx(0.0, abs=1e-6) for v in by_class["per_class"].values())
+
+
+def test_diversity_ratio_matches_a_brute_force_loop():
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(7, 16, 16, generator=gen)
+    b = torch.rand(6, 16, 16, generator=gen) * 0.5
+    la, lb = torch.tensor([0, 0, 0, 1, 1, 2, 2]), torch.tensor([0, 0, 1, 1, 1, 2])
+    kw = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)
+
+    def mean_d(imgs):
+        pairs = [(i, j) for i in range(len(imgs)) for j in range(i + 1, len(imgs))]
+        return np.mean([(1 - structural_similarity(imgs[i].double().numpy(), imgs[j].double().numpy(), **kw)) / 2
+                        for i, j in pairs])
+
+    # Class 2 has one reference field only: no reference pairs, so it is left out of the mean.
+    expected = np.mean([mean_d(a[la == c]) / mean_d(b[lb == c]) for c in (0, 1)])
+    assert diversity_ratio(a, la, b, lb) == pytest.approx(expected, rel=1e-4)
+    by_class = diversity_by_class(a, la, b, lb)
+    assert by_class["per_class"]["2"]["ratio"] is None and by_class["per_class"]["2"]["reference"] is None
+    assert by_class["per_class"]["0"]["generated"] == pytest.approx(mean_d(a[la == 0]), rel=1e-4)
+    assert mean_pairwise_distance(a[:1]) != mean_pairwise_distance(a[:1])  # nan for a single image
+
+
+def test_diversity_ratio_is_nan_without_pairs():
+    x = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))
+    assert math.isnan(diversity_ratio(x, torch.tensor([0, 1, 2]), x, torch.tensor([0, 1, 2])))
+    # A class whose reference images are all identical has no defined ratio.
+    same = flat([0.4, 0.4], 12)
+    assert math.isnan(diversity_ratio(x[:2], torch.tensor([0, 0]), same, torch.tensor([0, 0])))
+    with pytest.raises(UsageError, match="label"):
+        diversity_ratio(x, torch.tensor([0, 1]), x, torch.tensor([0, 1, 2]))

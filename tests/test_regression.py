@@ -155,8 +155,11 @@ def test_deterministic_and_noisy_sampling(trained):
     w, labels, meta = samples_of(run)
     assert labels.tolist() == [2, 2, 2, 5, 5, 5] and w.shape == (6, 561)
     assert meta["model"] == "regression" and meta["seconds_per_field"] > 0 and meta["noise"] == 0
-    assert torch.equal(w[0], w[1]) and torch.equal(w[0], w[2]) and torch.equal(w[3], w[5])  # one field per class
-    assert not torch.equal(w[0], w[3])
+    # One field per class. Rows of one batch agree only up to rounding: kernels may take another path for
+    # another row position (and do on AVX2 CPUs), so compare with a tolerance, never bit for bit.
+    for a, b in ((0, 1), (0, 2), (3, 5)):
+        torch.testing.assert_close(w[a], w[b], rtol=1e-4, atol=1e-5)
+    assert (w[0] - w[3]).abs().max() > 1e-3
     reg.sample(make_cfg(npz, "sample.seed=9"), run, progress=False, labels=[2, 5])
     assert torch.equal(samples_of(run)[0], w)  # noise 0 ignores the seed
 
@@ -196,11 +199,11 @@ def test_guidance_and_unconditional(fitted, tmp_path):
     reg.train(make_cfg(npz, "train.p_uncond=0.3", "train.max_iters=3"), run, progress=False)
     reg.sample(make_cfg(npz, "sample.guidance=2.0", "sample.n_per_class=1"), run, progress=False, labels=[1, 4])
     w, labels, _ = samples_of(run)
-    assert labels.tolist() == [1, 4] and torch.isfinite(w).all() and not torch.equal(w[0], w[1])
+    assert labels.tolist() == [1, 4] and torch.isfinite(w).all() and (w[0] - w[1]).abs().max() > 1e-3
     reg.train(make_cfg(npz, "train.conditioning=none", "train.max_iters=3"), run, progress=False)
     reg.sample(make_cfg(npz, "train.conditioning=none", "sample.n_per_class=1"), run, progress=False, labels=[1, 4])
     w, _, _ = samples_of(run)
-    assert torch.equal(w[0], w[1])  # no conditioning: the deterministic model has one field
+    torch.testing.assert_close(w[0], w[1], rtol=1e-4, atol=1e-5)  # no conditioning: the deterministic model has one field
 
 
 def test_cli_run_end_to_end(fitted, tmp_path):

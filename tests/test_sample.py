@@ -33,8 +33,8 @@ def distinct_logits(v: int, seed: int) -> torch.Tensor:
     return (torch.randperm(v, generator=g).float() + torch.rand(v, generator=g) * 0.5)[None]
 
 
-def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """The documented pipeline for one row, written out plainly: T, then top-k, then top-p."""
+def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> np.ndarray:
+    """The documented pipeline for one row, written out plainly: T, then top-k, then top-p, then min-p."""
     z = logits.astype(np.float64) / temperature
     keep = np.ones(len(z), dtype=bool)
     if top_k:
@@ -48,6 +48,9 @@ def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float) 
         keep2 = np.zeros(len(z), dtype=bool)
         keep2[kept] = True
         p = np.where(keep2, p, 0.0)
+        p /= p.sum()
+    if min_p > 0:
+        p = np.where(p >= min_p * p.max(), p, 0.0)
         p /= p.sum()
     return p
 
@@ -147,6 +150,81 @@ def test_order_is_temperature_then_top_k_then_top_p():
     assert float(probs[2]) == 0.0
 
 
+def test_min_p_zero_changes_nothing():
+    x = distinct_logits(30, 4).repeat(3, 1) * torch.tensor([[0.3], [1.0], [4.0]])
+    for t, k, p in [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.0, 0, 1.0), (0.5, 3, 0.5)]:
+        assert torch.equal(filter_logits(x, t, k, p, 0.0), filter_logits(x, t, k, p)), (t, k, p)
+
+
+def test_min_p_by_hand():
+    x = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    # Threshold 0.25 x 0.5 = 0.125: the first three survive, renormalized by their mass 0.95.
+    assert filter_logits(x, 1.0, 0, 1.0, 0.25)[0].tolist() == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+    # Temperature first: at T = 2 the probabilities go as sqrt(p), ratios to the top 0.775, 0.548 and 0.316, so
+    # min-p 0.5 keeps three tokens, where at T = 1 (ratios 0.6, 0.3, 0.1) it keeps two.
+    assert int((filter_logits(x, 1.0, 0, 1.0, 0.5) > 0).sum()) == 2
+    probs = filter_logits(x, 2.0, 0, 1.0, 0.5)[0]
+    root = torch.tensor([0.5, 0.3, 0.15]).sqrt()
+    torch.testing.assert_close(probs[:3], root / root.sum())
+    assert float(probs[3]) == 0.0
+    # After top-k and top-p: min-p compares with the top token's probability, which renormalizing doesn't change.
+    assert int((filter_logits(x, 1.0, 2, 1.0, 0.55) > 0).sum()) == 2  # 0.3 / 0.5 = 0.6 >= 0.55
+    assert filter_logits(x, 1.0, 2, 1.0, 0.65)[0].tolist() == pytest.approx([1.0, 0, 0, 0])
+    assert int((filter_logits(x, 1.0, 0, 0.9, 0.2) > 0).sum()) == 3  # top-p keeps 3, min-p 0.1 threshold keeps 3
+    assert int((filter_logits(x, 1.0, 0, 0.7, 0.2) > 0).sum()) == 2  # top-p keeps 2 before min-p sees them
+
+
+@FAST
+@given(distinct_rows, st.floats(0.2, 3.0), st.floats(0.001, 0.999), st.data())
+def test_min_p_keeps_the_tokens_within_min_p_of_the_top(row, temperature, min_p, data):
+    k = data.draw(st.integers(0, len(row)))
+    z = row.astype(np.float64) / temperature
+    ratio = np.exp(z - z.max())
+    assume(bool(np.all(np.abs(ratio - min_p) > 1e-4)))  # no boundary case decided by rounding
+    probs = filter_logits(torch.from_numpy(row)[None], temperature, k, 1.0, min_p)[0]
+    kept = (probs > 0).numpy()
+    assert kept[np.argmax(row)]  # the most likely token always survives
+    in_top_k = np.ones(len(z), bool) if not k else z >= np.sort(z)[::-1][k - 1]
+    assert np.array_equal(kept, (ratio >= min_p) & in_top_k)
+    torch.testing.assert_close(probs.double(), torch.from_numpy(reference(row, temperature, k, 1.0, min_p)),
+                               atol=1e-5, rtol=1e-4)
+
+
+@FAST
+@given(distinct_rows, st.floats(0.2, 3.0), st.floats(0.05, 0.999) | st.just(1.0), st.floats(0.0, 0.999), st.data())
+def test_composition_with_min_p_matches_the_reference_pipeline(row, temperature, p, min_p, data):
+    k = data.draw(st.integers(0, len(row)))
+    z = row.astype(np.float64) / temperature
+    keep = np.ones(len(z), bool) if not k else z >= np.sort(z)[::-1][k - 1]
+    q = np.where(keep, np.exp(z - z.max()), 0)
+    assume(bool(np.all(np.abs(q[keep] - min_p) > 1e-4)))  # ratios to the top token: away from the min-p boundary
+    q = np.sort(q / q.sum())[::-1]
+    assume(p == 1.0 or np.all(np.abs(np.cumsum(q) - p) > 1e-4))
+    probs = filter_logits(torch.from_numpy(row)[None], temperature, k, p, min_p)[0]
+    torch.testing.assert_close(probs.double(), torch.from_numpy(reference(row, temperature, k, p, min_p)),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_min_p_always_keeps_the_argmax():
+    x = torch.tensor([[10.0, 9.99, 0.0], [1.0, 1.0, 1.0], [-3.0, 5.0, 4.0]])
+    for t in (1e-30, 0.5, 1.0, 1e30):
+        probs = filter_logits(x, t, 0, 1.0, 0.999)
+        assert (probs.gather(1, x.argmax(1, keepdim=True)) > 0).all(), t
+        torch.testing.assert_close(probs.sum(1), torch.ones(3))
+    # Exact ties with the top token are all kept.
+    assert (filter_logits(x, 1.0, 0, 1.0, 0.999)[1] > 0).all()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_min_p_must_be_in_zero_one(bad):
+    with pytest.raises(UsageError, match="min_p"):
+        check_sampling(1.0, 0, 1.0, num_codes=245, min_p=bad)
+    with pytest.raises(UsageError, match="sample.min_p"):
+        apply_overrides(RunConfig(), [f"sample.min_p={bad}"])
+    check_sampling(1.0, 0, 1.0, num_codes=245, min_p=0.0)
+    check_sampling(1.0, 0, 1.0, num_codes=245, min_p=0.99)
+
+
 def test_check_sampling_accepts_valid_values():
     for t, k, p in [(0.0, 0, 1.0), (1.0, 1, 0.5), (2.5, 245, 1e-3), (1, 10, 1)]:
         check_sampling(t, k, p, num_codes=245)
@@ -188,9 +266,9 @@ def model() -> GPT:
     return m
 
 
-def gen(model, labels, seed, use_cache=True, temperature=1.0, top_k=0, top_p=1.0, guidance=1.0):
+def gen(model, labels, seed, use_cache=True, temperature=1.0, top_k=0, top_p=1.0, guidance=1.0, **kw):
     return generate(model, torch.tensor(labels), VOCAB, NUM_WEIGHTS, temperature, top_k, top_p,
-                    torch.Generator().manual_seed(seed), use_cache=use_cache, guidance=guidance)
+                    torch.Generator().manual_seed(seed), use_cache=use_cache, guidance=guidance, **kw)
 
 
 def test_generate_with_and_without_cache_agree(model):
@@ -223,6 +301,21 @@ def test_generate_is_class_conditioned(model):
 
 def test_generate_top_k_one_is_greedy(model):
     assert torch.equal(gen(model, [0, 1, 2], seed=5, top_k=1), gen(model, [0, 1, 2], seed=6, temperature=0.0))
+
+
+def test_generate_with_min_p(model):
+    labels = [0, 1, 2, 2]
+    # min-p 0 is plain sampling, draw for draw.
+    assert torch.equal(gen(model, labels, seed=3, min_p=0.0), gen(model, labels, seed=3))
+    for kw in (dict(min_p=0.3), dict(min_p=0.5, temperature=0.7, top_k=5), dict(min_p=0.2, guidance=2.0)):
+        cached, full = gen(model, labels, seed=3, use_cache=True, **kw), gen(model, labels, seed=3, use_cache=False, **kw)
+        assert torch.equal(cached, full), kw
+    # A threshold next to 1 leaves only the top token: greedy decoding.
+    assert torch.equal(gen(model, labels, seed=5, min_p=0.999999), gen(model, labels, seed=6, temperature=0.0))
+    # A high threshold explores fewer codes than plain sampling at a high temperature.
+    hot = gen(model, [0, 1, 2] * 10, seed=0, temperature=3.0)
+    cut = gen(model, [0, 1, 2] * 10, seed=0, temperature=3.0, min_p=0.6)
+    assert len(torch.unique(cut)) < len(torch.unique(hot))
 
 
 def test_null_class_is_sos_at_the_class_position():

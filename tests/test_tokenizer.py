@@ -149,9 +149,11 @@ def test_save_load_round_trip(tmp_path):
     vocab, spec = Vocab(245, 10), FieldSpec(octaves=3, hidden=(8,))
     path = tmp_path / tokenizer.TOKENIZER_FILE
     tokenizer.save_tokenizer(path, codebook, vocab, spec)
-    cb, v, s, tid = tokenizer.load_tokenizer(path)
+    tok = tokenizer.load_tokenizer(path)
+    cb, v, s, tid = tok.codebook, tok.vocab, tok.spec, tok.id
     assert torch.equal(cb, codebook) and v == vocab and s == spec
     assert tid == tokenizer.tokenizer_id(codebook)
+    assert tok.offsets == "none" and tok.reference is None and tok.scale is None
     _, meta = load_tensors(path)
     assert meta["vocab_size"] == 256 and meta["tokenizer_id"] == tid
 
@@ -190,8 +192,10 @@ def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
     fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
                 FitConfig(steps=5, anchor_steps=10, init="random"), run, progress=False)
     report = tokenizer.run_tokenize(TokenizerConfig(num_codes=32, max_iters=20), run, num_classes=10)
-    codebook, vocab, spec, tid = tokenizer.load_tokenizer(run / tokenizer.TOKENIZER_FILE)
+    tok = tokenizer.load_tokenizer(run / tokenizer.TOKENIZER_FILE)
+    codebook, vocab, spec, tid = tok.codebook, tok.vocab, tok.spec, tok.id
     assert vocab == Vocab(32, 10) and spec == FieldSpec()
+    assert tok.offsets == "none" and report["offsets"] == "none"
     assert report["tokenizer_id"] == tid and report["vocab_size"] == 43 and report["sos_token"] == 32
     assert report["class_tokens"] == [33, 42]
     assert report["psnr_quantized_mean"] <= report["psnr_fitted_mean"] + 1e-3
@@ -211,3 +215,231 @@ def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
     train_weights = nefs["weights"][torch.tensor(split["train"])]
     expected, _ = learn_codebook(train_weights, TokenizerConfig(num_codes=32, max_iters=20))
     assert torch.equal(codebook, expected)
+
+
+# Offsets from the shared anchor (tokenize.offsets): none | raw | position | layer.
+
+def anchored_fields(n: int = 120, spec: FieldSpec = FieldSpec(), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An anchor and n fields around it whose offsets have a different spread at every position."""
+    g = torch.Generator().manual_seed(seed)
+    anchor = torch.randn(spec.num_params, generator=g)
+    spread = torch.logspace(-3, -0.5, spec.num_params)[torch.randperm(spec.num_params, generator=g)]
+    weights = anchor + torch.randn(n, spec.num_params, generator=g) * spread
+    weights[:, 7] = anchor[7]  # a position no field moved: its std is 0 and the scale must be clamped
+    return anchor, weights
+
+
+def offset_tokenizer(mode: str, num_codes: int = 48) -> tuple[tokenizer.Tokenizer, torch.Tensor, torch.Tensor]:
+    anchor, weights = anchored_fields()
+    cfg = TokenizerConfig(num_codes=num_codes, max_iters=30, offsets=mode)
+    tok, _ = tokenizer.learn_tokenizer(weights[:100], FieldSpec(), cfg, num_classes=10, anchor=anchor)
+    return tok, anchor, weights
+
+
+@pytest.mark.parametrize("mode", tokenizer.OFFSET_MODES)
+def test_round_trip_error_is_at_most_half_a_code_gap_times_the_scale(mode):
+    tok, _, weights = offset_tokenizer(mode)
+    assert tok.offsets == mode
+    recon = tok.decode(tok.encode(weights))
+    assert recon.shape == weights.shape and recon.dtype == torch.float32
+    values = tok.values(weights)
+    cb = tok.codebook
+    scale = torch.ones(weights.shape[1]) if tok.scale is None else tok.scale
+    err = (recon - weights).abs()
+    half_gap = float((cb[1:] - cb[:-1]).max()) / 2
+    inside = (values >= cb[0]) & (values <= cb[-1])
+    bound = half_gap * scale.expand_as(weights)
+    assert bool((err[inside] <= bound[inside] * (1 + 1e-4) + 1e-6).all())
+    # Beyond the end codes a value goes to the nearest end code.
+    outside = ~inside
+    beyond = torch.minimum((values - cb[0]).abs(), (values - cb[-1]).abs()) * scale
+    assert torch.allclose(err[outside], beyond[outside], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", tokenizer.OFFSET_MODES)
+def test_decode_inverts_encode_on_the_codebook_values(mode):
+    tok, _, _ = offset_tokenizer(mode)
+    k, p = tok.vocab.num_codes, tok.spec.num_params
+    # Every code at every position.
+    tokens = (torch.arange(k)[:, None] + torch.arange(p)[None, :]) % k
+    decoded = tok.decode(tokens)
+    assert torch.equal(tok.decode(tok.encode(decoded)), decoded)
+    assert torch.equal(tok.decode(tokens.to(torch.int16)), decoded)  # as tokens are stored
+    assert torch.equal(tok.encode(decoded), tokens)  # the learned codes are distinct, so even the tokens return
+
+
+def test_none_mode_gives_todays_tokens_and_id():
+    _, weights = anchored_fields()
+    cfg = TokenizerConfig(num_codes=48, max_iters=30)
+    assert cfg.offsets == "none"
+    tok, stats = tokenizer.learn_tokenizer(weights[:100], FieldSpec(), cfg, num_classes=10, anchor=None)
+    codebook, expected_stats = learn_codebook(weights[:100], cfg)  # today's tokenizer
+    assert torch.equal(tok.codebook, codebook) and stats == expected_stats
+    assert torch.equal(tok.encode(weights), assign(weights, codebook))
+    tokens = tok.encode(weights)
+    assert torch.equal(tok.decode(tokens), codebook[tokens])
+    expected_id = hashlib.sha256(codebook.numpy().tobytes()).hexdigest()[:16]
+    assert tok.id == tokenizer.tokenizer_id(codebook) == expected_id
+    # An anchor makes no difference to a `none` tokenizer.
+    with_anchor, _ = tokenizer.learn_tokenizer(weights[:100], FieldSpec(), cfg, 10, anchor=weights[0])
+    assert with_anchor.reference is None and with_anchor.id == expected_id
+
+
+def test_offset_references_and_scales():
+    anchor, weights = anchored_fields()
+    train = weights[:100]
+    offsets = train.double() - anchor.double()
+    raw, _, _ = offset_tokenizer("raw")
+    assert torch.equal(raw.reference, anchor) and torch.equal(raw.scale, torch.ones(561))
+    assert torch.equal(raw.values(weights), weights - anchor)
+
+    pos, _, _ = offset_tokenizer("position")
+    std = offsets.std(0, correction=0).float()
+    floor = tokenizer.SCALE_FLOOR * float(offsets.std(correction=0))
+    moved = std > floor
+    assert torch.allclose(pos.scale[moved], std[moved], rtol=1e-5)
+    assert pos.scale[7] == pytest.approx(floor, rel=1e-5)  # std 0 is clamped away from 0
+    assert bool((pos.scale > 0).all())
+
+    layer, _, _ = offset_tokenizer("layer")
+    spec, start = FieldSpec(), 0
+    sizes = [s for o, i in spec.layer_shapes for s in (o * i, o)]  # W1, b1, W2, b2, W3, b3
+    assert len(sizes) == 6 and sum(sizes) == 561
+    for size in sizes:
+        part = layer.scale[start:start + size]
+        assert torch.all(part == part[0])
+        assert float(part[0]) == pytest.approx(float(offsets[:, start:start + size].std(correction=0)), rel=1e-5)
+        start += size
+
+
+def test_offsets_change_the_id_and_round_trip_through_the_file(tmp_path):
+    toks = {mode: offset_tokenizer(mode)[0] for mode in tokenizer.OFFSET_MODES}
+    assert len({t.id for t in toks.values()}) == 4
+    for mode, tok in toks.items():
+        path = tmp_path / f"{mode}.safetensors"
+        tokenizer.save_tokenizer(path, tok)
+        back = tokenizer.load_tokenizer(path)
+        assert back.offsets == mode and back.id == tok.id and torch.equal(back.codebook, tok.codebook)
+        for name in ("reference", "scale"):
+            a, b = getattr(tok, name), getattr(back, name)
+            assert (a is None and b is None) if mode == "none" else torch.equal(a, b)
+        tensors, meta = load_tensors(path)
+        assert meta["offsets"] == mode and meta["tokenizer_id"] == tok.id
+        assert set(tensors) == ({"codebook"} if mode == "none" else {"codebook", "reference", "scale"})
+    pos = toks["position"]
+    moved = tokenizer.Tokenizer(pos.codebook, pos.vocab, pos.spec, "position", pos.reference + 1e-3, pos.scale)
+    rescaled = tokenizer.Tokenizer(pos.codebook, pos.vocab, pos.spec, "position", pos.reference, pos.scale * 2)
+    assert len({pos.id, moved.id, rescaled.id, toks["none"].id}) == 4
+
+
+def test_old_tokenizer_files_load_as_none(tmp_path):
+    path = tmp_path / tokenizer.TOKENIZER_FILE
+    codebook = torch.linspace(-1, 1, 245)
+    # The metadata written before offsets existed.
+    save_tensors(path, {"codebook": codebook}, {"num_codes": 245, "num_classes": 10, "vocab_size": 256,
+                                                "field": FieldSpec().to_meta(),
+                                                "tokenizer_id": tokenizer.tokenizer_id(codebook)})
+    tok = tokenizer.load_tokenizer(path)
+    assert tok.offsets == "none" and tok.reference is None and tok.id == tokenizer.tokenizer_id(codebook)
+    tokens = torch.tensor([[0, 244, 3]])
+    assert torch.equal(tok.decode(tokens), codebook[tokens])
+
+    # The shipped model's tokenizer still matches the id its checkpoint was trained with.
+    from importlib import resources
+    shipped = resources.files("nefgpt") / "pretrained_models" / "mnist"
+    tok = tokenizer.load_tokenizer(shipped / tokenizer.TOKENIZER_FILE)
+    ckpt = torch.load(shipped / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert tok.offsets == "none" and tok.id == ckpt["tokenizer_id"]
+
+
+def test_inconsistent_offset_files_raise_artifact_error(tmp_path):
+    path = tmp_path / tokenizer.TOKENIZER_FILE
+    codebook = torch.linspace(-1, 1, 4)
+    base = {"num_codes": 4, "num_classes": 10, "field": FieldSpec().to_meta()}
+    ref, scale = torch.zeros(561), torch.ones(561)
+    cases = [
+        ({"codebook": codebook}, {**base, "offsets": "position"}, "reference"),  # tensors missing
+        ({"codebook": codebook, "reference": ref}, {**base, "offsets": "layer"}, "scale"),
+        ({"codebook": codebook, "reference": ref, "scale": scale}, base, "offsets = none"),
+        ({"codebook": codebook, "reference": ref, "scale": scale}, {**base, "offsets": "sideways"}, "offsets mode"),
+        ({"codebook": codebook, "reference": ref, "scale": scale}, {**base, "offsets": 3}, "offsets mode"),
+        ({"codebook": codebook, "reference": ref[:10], "scale": scale}, {**base, "offsets": "raw"}, "reference"),
+        ({"codebook": codebook, "reference": ref, "scale": scale.double()}, {**base, "offsets": "raw"}, "scale"),
+        ({"codebook": codebook, "reference": ref, "scale": scale * 0}, {**base, "offsets": "raw"}, "> 0"),
+    ]
+    for tensors, meta, word in cases:
+        save_tensors(path, tensors, meta)
+        with pytest.raises(ArtifactError, match="tokenizer.safetensors") as info:
+            tokenizer.load_tokenizer(path)
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_offsets_need_a_shared_anchor(tiny_npz, tmp_path):
+    from nefgpt.config import apply_overrides, RunConfig
+    from nefgpt.errors import UsageError
+
+    _, weights = anchored_fields()
+    with pytest.raises(UsageError, match="fit.init = shared"):
+        tokenizer.learn_tokenizer(weights, FieldSpec(), TokenizerConfig(offsets="raw"), 10, anchor=None)
+    with pytest.raises(UsageError, match="tokenize.offsets = layer needs fit.init = shared"):
+        apply_overrides(RunConfig(), ["fit.init=random", "tokenize.offsets=layer"])
+    with pytest.raises(UsageError, match="tokenize.offsets"):
+        apply_overrides(RunConfig(), ["tokenize.offsets=sideways"])
+    assert apply_overrides(RunConfig(), ["tokenize.offsets=position"]).tokenize.offsets == "position"
+
+    run = tmp_path / "run"
+    fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
+                FitConfig(steps=2, init="random"), run, progress=False)
+    with pytest.raises(UsageError, match="tokenize.offsets = position"):
+        tokenizer.run_tokenize(TokenizerConfig(num_codes=16, max_iters=5, offsets="position"), run, num_classes=10)
+
+
+def test_run_tokenize_with_offsets_reports_weight_space_error(tiny_npz, tmp_path):
+    run = tmp_path / "run"
+    fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
+                FitConfig(steps=5, anchor_steps=10), run, progress=False)
+    nefs, _ = fit.load_nefs(run)
+    split = json.loads((run / fit.SPLIT_FILE).read_text())
+    train, held = torch.tensor(split["train"]), torch.tensor(split["heldout"])
+    reports = {}
+    for mode in ("none", "layer"):
+        report = tokenizer.run_tokenize(TokenizerConfig(num_codes=32, max_iters=20, offsets=mode), run, 10)
+        tok = tokenizer.load_tokenizer(run / tokenizer.TOKENIZER_FILE)
+        assert tok.offsets == report["offsets"] == mode and tok.id == report["tokenizer_id"]
+        tokens, _ = tokenizer.load_tokens(run, tok.id)
+        assert torch.equal(tokens, tok.encode(nefs["weights"]))
+        decoded = tok.decode(tokens)
+        sq = (decoded.double() - nefs["weights"].double()) ** 2
+        assert report["weight_mse"] == pytest.approx(float(sq[train].mean()), rel=1e-6)
+        assert report["weight_mse_heldout"] == pytest.approx(float(sq[held].mean()), rel=1e-6)
+        # The quantized PSNR is that of the decoded weights.
+        from nefgpt import field
+        images = fit.load_split_images(run)[1]
+        psnr = field.psnr(field.render(tok.spec, decoded, 28), images)
+        assert report["psnr_quantized_mean"] == pytest.approx(float(psnr.mean()), abs=1e-4)
+        reports[mode] = report
+    assert torch.equal(tok.reference, nefs["anchor"])
+    assert "offset_scale" in reports["layer"] and "offset_scale" not in reports["none"]
+    assert reports["none"]["weight_mse"] == pytest.approx(reports["none"]["mse"], rel=1e-4)  # same units there
+
+
+def test_cli_fit_tokenize_train_sample_with_position_offsets(tiny_npz, tmp_path):
+    from nefgpt.cli import main
+
+    run = tmp_path / "run"
+    sets = [f"data.dataset=npz:{tiny_npz}", "data.heldout_per_class=2", "data.tune_per_class=1",
+            "fit.steps=10", "fit.anchor_steps=20", "tokenize.max_iters=10", "tokenize.offsets=position",
+            "train.max_iters=4", "train.n_layer=1", "train.n_embd=32", "train.n_head=2", "train.batch_size=8",
+            "train.warmup_iters=2", "train.eval_interval=2", "train.ckpt_interval=2", "sample.n_per_class=1"]
+    args = [a for s in sets for a in ("--set", s)]
+    for stage in ("fit", "tokenize", "train", "sample"):
+        assert main([stage, "--out", str(run), "--quiet", *args]) == 0, stage
+    tok = tokenizer.load_tokenizer(run / tokenizer.TOKENIZER_FILE)
+    assert tok.offsets == "position"
+    assert json.loads((run / tokenizer.REPORT_FILE).read_text())["offsets"] == "position"
+    samples, meta = load_tensors(run / "samples.safetensors")
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert meta["tokenizer_id"] == ckpt["tokenizer_id"] == tok.id
+    # Samples are decoded with the offsets: reference + scale * code, not the bare code.
+    assert torch.equal(samples["weights"], tok.decode(samples["tokens"].long()))
+    assert not torch.equal(samples["weights"], tok.codebook[samples["tokens"].long()])

@@ -285,7 +285,8 @@ def test_unconditional_training_sees_only_the_null_class(tmp_path, monkeypatch):
     make_run(run)
     seen = []
     real = train.sequence_loss
-    monkeypatch.setattr(train, "sequence_loss", lambda model, seq: seen.append(seq[:, 1].clone()) or real(model, seq))
+    monkeypatch.setattr(train, "sequence_loss",
+                        lambda model, seq, *rest: seen.append(seq[:, 1].clone()) or real(model, seq, *rest))
     summary = train.run_train(cfg(conditioning="none", max_iters=4), run, progress=False)
     assert summary["conditioning"] == "none" and summary["processes"] == 1
     assert len(seen) >= 4 and all((s == VOCAB.sos).all() for s in seen)  # training and held-out batches
@@ -322,3 +323,207 @@ def test_without_tensorboard_only_the_csv_log_is_written(tmp_path, monkeypatch):
     train.run_train(cfg(max_iters=4), run, progress=False)
     assert not (run / train.TB_DIR).exists()
     assert [int(r["iter"]) for r in read_log(run / train.LOG_FILE)] == [4]
+
+
+def test_lr_schedule_follows_the_faster_of_iterations_and_time():
+    cfg = TrainConfig(lr=1e-2, warmup_iters=0, max_iters=1000, min_lr_frac=0.1, max_minutes=10.0)
+    # Half the time used at 1 % of the iterations: the schedule is halfway, as at iteration 500 without a budget.
+    assert train.lr_at(10, cfg, elapsed_s=300.0) == pytest.approx(train.lr_at(500, TrainConfig(
+        lr=1e-2, warmup_iters=0, max_iters=1000, min_lr_frac=0.1)))
+    assert train.lr_at(10, cfg, elapsed_s=600.0) == pytest.approx(1e-3)  # the budget is spent: the floor
+    assert train.lr_at(900, cfg, elapsed_s=1.0) == train.lr_at(900, TrainConfig(
+        lr=1e-2, warmup_iters=0, max_iters=1000, min_lr_frac=0.1))  # iterations ahead of time: they lead
+    # Without a budget the schedule ignores the clock entirely (exact, reproducible runs).
+    plain = TrainConfig(lr=1e-2, warmup_iters=0, max_iters=1000)
+    assert train.lr_at(10, plain, elapsed_s=1e9) == train.lr_at(10, plain)
+
+
+def test_time_budget_stops_training_and_resume_keeps_the_budget(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    make_run(run)
+    clock = {"t": 1000.0}
+
+    def fake_time():  # each call advances 1 s: the budget of 0.1 min (6 s) runs out after a few steps
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(train.time, "time", fake_time)
+    c = cfg(max_iters=1000, max_minutes=0.1)
+    summary = train.run_train(c, run, progress=False)
+    assert summary["stopped_by"] == "max_minutes" and 1 <= summary["iterations"] < 1000
+    ckpt = torch.load(run / train.CKPT_FILE, weights_only=True)
+    assert ckpt["iter_num"] == summary["iterations"] and ckpt["elapsed_s"] >= 6.0
+    log = read_log(run / train.LOG_FILE)
+    assert int(log[-1]["iter"]) == summary["iterations"]  # the last step is evaluated and logged
+    assert float(log[-1]["lr"]) == pytest.approx(c.lr * c.min_lr_frac)  # and the schedule reached its floor
+    # A resume continues the same budget: it is spent, so nothing more is trained.
+    again = train.run_train(c, run, resume=True, progress=False)
+    assert again["iterations"] == summary["iterations"] and again["stopped_by"] == "max_minutes"
+    assert torch.load(run / train.CKPT_FILE, weights_only=True)["iter_num"] == summary["iterations"]
+    # A larger budget on resume trains on from there.
+    more = train.run_train(cfg(max_iters=1000, max_minutes=0.3), run, resume=True, progress=False)
+    assert more["iterations"] > summary["iterations"]
+
+
+# --- Levers: HL-Gauss targets, and training with class_embed / pos_bias / value_embed / struct_pos ---------------
+
+LEVERS = dict(class_embed=True, pos_bias="class", value_embed=True, struct_pos=True, hl_sigma=1.0)
+
+
+def dense_hl_gauss(targets: torch.Tensor, k: int, sigma: float) -> torch.Tensor:
+    """(N, K) HL-Gauss targets written out plainly: bin masses of N(y, sigma^2), band ceil(4 sigma), renormalized."""
+    r = math.ceil(4 * sigma)
+    rows = []
+    for y in targets.tolist():
+        row = [0.5 * (math.erf((j - y + 0.5) / (sigma * math.sqrt(2))) - math.erf((j - y - 0.5) / (sigma * math.sqrt(2))))
+               if abs(j - y) <= r else 0.0 for j in range(k)]
+        rows.append([v / sum(row) for v in row])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_hl_gauss_with_sigma_to_zero_is_plain_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(50, 12, generator=g) * 3, torch.randint(0, 12, (50,), generator=g)
+    targets[:2] = torch.tensor([0, 11])  # the codebook's ends
+    plain = F.cross_entropy(logits, targets)
+    assert torch.equal(train.hl_gauss_loss(logits, targets, 0.0), plain)
+    torch.testing.assert_close(train.hl_gauss_loss(logits, targets, 1e-3), plain)
+    with pytest.raises(ValueError, match="hl_sigma"):
+        train.hl_gauss_loss(logits, targets, float("nan"))
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 2.5, 50.0])
+def test_hl_gauss_is_cross_entropy_against_the_normalized_gaussian(sigma):
+    g = torch.Generator().manual_seed(1)
+    k = 12
+    targets = torch.cat([torch.tensor([0, 1, k - 1]), torch.randint(0, k, (37,), generator=g)])
+    logits = (torch.randn(len(targets), k, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    p = dense_hl_gauss(targets, k, sigma)
+    assert torch.allclose(p.sum(1), torch.ones(len(p), dtype=torch.float64))
+    ref = -(p * logits.log_softmax(1)).sum(1).mean()
+    loss = train.hl_gauss_loss(logits.float(), targets, sigma)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(train.hl_gauss_loss(logits, targets, sigma), logits)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+    # A proper scoring rule: the target itself scores its entropy, and anything else scores more.
+    best = p.clamp_min(1e-300).log()
+    entropy = -(p * best).sum(1).mean()
+    torch.testing.assert_close(train.hl_gauss_loss(best, targets, sigma), entropy)
+    assert loss.item() > entropy.item()
+
+
+def test_hl_sigma_trains_but_the_evaluated_loss_stays_plain_cross_entropy():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    seq = train.build_sequences(torch.randint(0, VOCAB.num_codes, (6, SPEC.num_params), generator=g),
+                                torch.arange(6), VOCAB)
+    with torch.no_grad():
+        plain = train.sequence_loss(model, seq)
+        smooth = train.sequence_loss(model, seq, 1.0)
+        logits = model(seq[:, :-1])[:, 1:].reshape(-1, VOCAB.num_codes)
+        evaluated = train.evaluate_loss(model, seq, 4, torch.device("cpu"), None)
+    torch.testing.assert_close(smooth, train.hl_gauss_loss(logits, seq[:, 2:].reshape(-1), 1.0))
+    assert abs(float(smooth) - float(plain)) > 1e-3
+    assert evaluated == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_model_config_carries_the_levers():
+    plain = train.model_config(cfg(), VOCAB, SPEC.num_params, SPEC)
+    assert plain == train.model_config(cfg(), VOCAB, SPEC.num_params)  # no spec needed without struct_pos
+    assert plain.to_dict() == GPTConfig(**{k: v for k, v in plain.to_dict().items()
+                                           if k not in ("class_embed", "pos_bias", "value_embed", "struct_pos",
+                                                        "field_sizes")}).to_dict()  # levers off = defaults
+    args = train.model_config(cfg(**LEVERS), VOCAB, SPEC.num_params, SPEC)
+    assert (args.class_embed, args.pos_bias, args.value_embed, args.struct_pos) == (True, "class", True, True)
+    assert args.field_sizes == (4, 3, 1)  # 4 * octaves inputs, hidden (3,), one output
+    with pytest.raises(ValueError, match="struct_pos"):
+        train.model_config(cfg(struct_pos=True), VOCAB, SPEC.num_params)
+
+
+def test_lever_settings_are_validated():
+    for bad in ("train.pos_bias=both", "train.hl_sigma=-1", "train.hl_sigma=nan", "train.pos_bias_decay=-0.1",
+                "train.class_embed=1"):
+        with pytest.raises(UsageError, match=bad.split("=")[0]):
+            apply_overrides(RunConfig(), [bad])
+    c = apply_overrides(RunConfig(), ["train.pos_bias=class", "train.hl_sigma=0.75", "train.pos_bias_decay=0",
+                                      "train.class_embed=true", "train.value_embed=true", "train.struct_pos=true"]).train
+    assert (c.pos_bias, c.hl_sigma, c.pos_bias_decay, c.class_embed, c.value_embed, c.struct_pos) == (
+        "class", 0.75, 0.0, True, True, True)
+    d = TrainConfig()
+    assert (d.class_embed, d.pos_bias, d.value_embed, d.hl_sigma, d.struct_pos) == (False, "none", False, 0.0, False)
+
+
+@pytest.mark.parametrize("extra", [dict(p_uncond=0.3), dict(conditioning="none", pos_bias="position")])
+def test_training_with_every_lever_reloads_resumes_and_samples(tmp_path, extra):
+    from nefgpt.sample import generate
+    from nefgpt.tokenizer import load_tokenizer
+
+    run = tmp_path / "run"
+    make_run(run)
+    c = cfg(max_iters=6, pos_bias_decay=0.3, **{**LEVERS, **extra})
+    summary = train.run_train(c, run, progress=False)
+    assert math.isfinite(summary["val_loss"])
+    model, ckpt = train.load_model(run)
+    mc = model.config
+    assert (mc.class_embed, mc.pos_bias, mc.value_embed, mc.struct_pos) == (True, c.pos_bias, True, True)
+    torch.testing.assert_close(model.code_values, load_tokenizer(run / TOKENIZER_FILE).codebook)  # from the tokenizer
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    assert model.pos_bias.abs().max() > 0 and model.cls_emb.weight.abs().max() > 0  # learned, from zero
+    assert ckpt["optimizer"]["param_groups"][2]["weight_decay"] == 0.3  # the bias's own group
+    # The held-out loss of the summary is the plain cross-entropy of the saved model.
+    val = torch.tensor(json.loads((run / "split.json").read_text())["heldout"])
+    seqs = train.build_sequences(*train.load_tokens(run, ckpt["tokenizer_id"]), VOCAB)[val]
+    if c.conditioning == "none":
+        seqs[:, 1] = VOCAB.sos
+    assert summary["val_loss"] == pytest.approx(train.evaluate_loss(model, seqs, 8, torch.device("cpu"), None),
+                                                rel=1e-4)
+    # Sampling: cache and full recompute agree, with guidance where the model learned the null class.
+    labels = torch.tensor([0, 3, 9, -1]) if c.conditioning == "class" else torch.full((4,), -1)
+    for guidance in ((1.0, 2.0) if c.p_uncond > 0 else (1.0,)):
+        out = [generate(model, labels, VOCAB, SPEC.num_params, 1.0, 0, 1.0, torch.Generator().manual_seed(5),
+                        use_cache=use_cache, guidance=guidance) for use_cache in (True, False)]
+        assert torch.equal(out[0], out[1]) and out[0].shape == (4, SPEC.num_params)
+        assert 0 <= int(out[0].min()) and int(out[0].max()) < VOCAB.num_codes
+    # Resume continues with the same levers; other lever settings are refused.
+    train.run_train(cfg(max_iters=8, pos_bias_decay=0.3, **{**LEVERS, **extra}), run, resume=True, progress=False)
+    assert torch.load(run / train.CKPT_FILE, weights_only=True)["iter_num"] == 8
+    with pytest.raises(ArtifactError, match="model settings"):
+        train.run_train(cfg(max_iters=9, **extra), run, resume=True, progress=False)
+
+
+def test_checkpoint_from_before_the_levers_loads_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    train.run_train(cfg(max_iters=3), run, progress=False)
+    path = run / train.CKPT_FILE
+    ckpt = torch.load(path, weights_only=True)
+    new_keys = ("class_embed", "pos_bias", "value_embed", "struct_pos", "field_sizes")
+    ckpt["model_args"] = {k: v for k, v in ckpt["model_args"].items() if k not in new_keys}
+    torch.save(ckpt, path)
+    model, _ = train.load_model(run)
+    assert not model.config.class_embed and model.config.pos_bias == "none"
+    with pytest.raises(ArtifactError, match="model settings"):
+        train.run_train(cfg(max_iters=6, class_embed=True), run, resume=True, progress=False)
+    train.run_train(cfg(max_iters=6), run, resume=True, progress=False)
+    assert torch.load(path, weights_only=True)["iter_num"] == 6
+
+
+def test_a_follower_takes_the_bias_decay_from_rank_0s_optimizer_state():
+    """distributed.follow_train builds its optimizer without pos_bias_decay, then loads rank 0's state."""
+    model = GPT(GPTConfig(block_size=SPEC.num_params + 2, vocab_size=VOCAB.size, num_codes=VOCAB.num_codes,
+                          n_layer=1, n_head=2, n_embd=16, pos_bias="position"))
+    lead = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), pos_bias_decay=0.3)
+    follower = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95))
+    follower.load_state_dict(lead.state_dict())
+    assert [g["weight_decay"] for g in follower.param_groups] == [0.1, 0.0, 0.3]
+
+
+def test_pos_bias_learning_rate_is_a_multiple_of_the_schedule(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    train.run_train(cfg(max_iters=3, pos_bias="position", pos_bias_lr_mult=10.0), run, progress=False)
+    groups = torch.load(run / train.CKPT_FILE, weights_only=True)["optimizer"]["param_groups"]
+    assert len(groups) == 3 and groups[2]["lr_mult"] == 10.0
+    assert groups[2]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[1]["lr"] == groups[0]["lr"]

@@ -48,6 +48,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         try:
             yield tmp_path
+            # Again: a writer may have replaced the file (safetensors' save_file makes a new one, mode 0600).
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
             os.replace(tmp_path, path)
         except OSError as exc:  # e.g. a full disk: the old file, if any, is untouched
             raise ArtifactError(f"{path}: can't write it ({_os_reason(exc)}); any previous version is kept") from None

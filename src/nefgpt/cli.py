@@ -14,7 +14,9 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,7 +24,7 @@ from typing import Callable
 from . import config as config_mod
 from .artifacts import load_json, save_json
 from .config import RunConfig
-from .errors import ArtifactError, NefgptError, UsageError
+from .errors import ArtifactError, NefgptError, Terminated, UsageError
 from .lock import run_lock
 
 CONFIG_FILE = "config.json"
@@ -98,28 +100,39 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
         cfg = config_mod.load_preset(args.preset or "cpu")
     overrides = list(args.set or [])
     overrides += [f"sample.{k}={v}" for k, v in _sample_overrides(args).items()]
-    # A sampling setting given by hand wins over the one `tune` chose.
+    saved_explicit = list(cfg.sample.explicit)
+    cfg = config_mod.apply_overrides(cfg, overrides)
+    # A sampling value given by hand wins over the tuned one for that key only (sampling_config fills in the
+    # others). The keys given earlier stay (config.json keeps them) unless this command sets sample.explicit
+    # itself, or sets sample.use_tuned, which starts afresh from the tuned setting.
     from .tune import SAMPLING_KEYS
 
-    if any(o.split("=", 1)[0].strip() in {f"sample.{k}" for k in SAMPLING_KEYS} for o in overrides):
-        overrides.append("sample.use_tuned=false")
-    return config_mod.apply_overrides(cfg, overrides)
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    kept = (cfg.sample.explicit if "sample.explicit" in given
+            else [] if "sample.use_tuned" in given else saved_explicit)
+    cfg.sample.explicit = [k for k in SAMPLING_KEYS if k in kept or f"sample.{k}" in given]
+    return cfg
 
 
 def sampling_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    """The config with the tuned sampling setting filled in, when the run has one and may use it."""
+    """The config with the tuned sampling setting filled in, when the run has one and may use it.
+
+    Keys in ``sample.explicit`` (given by hand) keep their value; the tuned setting fills in the others.
+    """
     from .tune import TUNE_FILE, load_best_setting
 
     if cfg.train.model != "gpt" or not cfg.sample.use_tuned or not (run_dir / TUNE_FILE).exists():
         return cfg
     cfg = copy.deepcopy(cfg)
     for key, value in load_best_setting(run_dir).items():
-        setattr(cfg.sample, key, value)
+        if key not in cfg.sample.explicit:
+            setattr(cfg.sample, key, value)
     return cfg
 
 
 def _sample_overrides(args: argparse.Namespace) -> dict:
-    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "n": "n_per_class", "seed": "seed"}
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "n": "n_per_class",
+             "seed": "seed"}
     return {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src, None) is not None}
 
 
@@ -214,7 +227,7 @@ def check_architecture(cfg: RunConfig, run_dir: Path) -> None:
 def check_labels(labels: list[int], run_dir: Path) -> None:
     from .tokenizer import TOKENIZER_FILE, load_tokenizer
 
-    num_classes = load_tokenizer(run_dir / TOKENIZER_FILE)[1].num_classes
+    num_classes = load_tokenizer(run_dir / TOKENIZER_FILE).vocab.num_classes
     for c in labels:
         if not 0 <= c < num_classes:
             raise UsageError(f"--label {c}: not a class of this run (0..{num_classes - 1})")
@@ -230,6 +243,74 @@ def _clear_fit(run_dir: Path) -> None:
     for f in (NEFS_FILE, SPLIT_FILE, ANCHOR_FILE):
         (run_dir / f).unlink(missing_ok=True)
     shutil.rmtree(run_dir / CHUNK_DIR, ignore_errors=True)
+
+
+def check_out(run_dir: Path) -> None:
+    """`--out` must be a directory, or a path where one can be made: not a file, nor a path under a file."""
+    if run_dir.is_dir():
+        return
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise ArtifactError(f"{run_dir}: not a directory (a symbolic link to a missing target); "
+                            "--out needs a run directory")
+    if run_dir.exists():
+        what = "a file" if run_dir.is_file() else "not a directory"
+        raise ArtifactError(f"{run_dir}: not a directory ({what} of that name exists); --out needs a run directory")
+    for parent in run_dir.parents:
+        if parent.is_dir():
+            return
+        if parent.exists() or parent.is_symlink():
+            what = "a file, not a directory" if parent.is_file() else "not a directory"
+            raise ArtifactError(f"{run_dir}: can't be a run directory: {parent} is {what}")
+
+
+def check_sampling_budget(cfg: RunConfig, run_dir: Path, labels: list[int] | None, force: bool) -> None:
+    """Refuse an absurd sample.n_per_class before any work; warn on stderr when sampling would run long."""
+    from .fit import SPLIT_FILE, spec_from_config
+    from .sample import SAMPLES_FILE, check_sampling_size
+
+    classes = 10
+    try:
+        if (run_dir / SPLIT_FILE).exists():
+            classes = int(load_json(run_dir / SPLIT_FILE)["num_classes"])
+    except (NefgptError, KeyError, TypeError, ValueError):
+        pass  # the stages report a bad split themselves
+    seconds, measured = None, False
+    try:
+        if (run_dir / SAMPLES_FILE).exists():
+            from safetensors import safe_open
+
+            with safe_open(str(run_dir / SAMPLES_FILE), framework="pt") as f:
+                seconds, measured = float(json.loads((f.metadata() or {})["seconds_per_field"])), True
+    except Exception:  # no usable measurement: the estimate uses a rough figure
+        seconds, measured = None, False
+    warning = check_sampling_size(cfg.sample.n_per_class, len(labels) if labels else classes,
+                                  spec_from_config(cfg.fit).num_params, seconds, measured)
+    if not warning:
+        return
+    try:  # no warning for a sampling that will be skipped as up to date
+        skipped = not (force or labels) and is_fresh(run_dir, "sample", sampling_config(cfg, run_dir))
+    except NefgptError:
+        skipped = False
+    if not skipped:
+        print(warning, file=sys.stderr)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def sigterm_unwinds() -> Callable[[], None]:
+    """Make SIGTERM raise `Terminated` in the main thread, so a command stops as on Ctrl-C; returns the undo.
+
+    Training defers it to a step boundary instead (train.deferred_signals). An ignored SIGTERM stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        return lambda: None
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def remove_stale_temps(run_dir: Path) -> None:
@@ -270,6 +351,12 @@ def summary_table(run_dir: Path) -> str:
         ("MMD (lower better)", f"{m['mmd']:.4f}  (real-data ceiling {m['ceiling']['mmd']:.4f})"),
         ("COV (higher better)", f"{m['cov']:.1%}  (ceiling {m['ceiling']['cov']:.1%})"),
         ("1-NNA (50% ideal)", f"{m['1nna']:.1%}  (ceiling {m['ceiling']['1nna']:.1%})"),
+    ]
+    if m.get("diversity_ratio") is not None:  # metrics.json files from before it was measured lack it
+        ceiling = m["ceiling"].get("diversity_ratio")
+        rows.append(("within-class diversity ratio (1 ideal)",
+                     f"{m['diversity_ratio']:.3f}" + (f"  (ceiling {ceiling:.3f})" if ceiling is not None else "")))
+    rows += [
         ("near-copy rate", f"{m['novelty']['near_copy_rate']:.1%}  (held-out real {m['novelty']['heldout_near_copy_rate']:.1%})"),
     ]
     lines = ["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
@@ -317,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--temperature", type=float)
             p.add_argument("--top-k", dest="top_k", type=int)
             p.add_argument("--top-p", dest="top_p", type=float)
+            p.add_argument("--min-p", dest="min_p", type=float,
+                           help="keep tokens at least this share of the top token's probability (0 = off)")
             p.add_argument("-n", type=int, help="samples per class")
             p.add_argument("--seed", type=int, help="sampling seed")
         if name == "sample":
@@ -342,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    doing = args.command  # the stage running now, for the line a SIGTERM prints
+    restore_sigterm = sigterm_unwinds()
     try:
         if args.command == "render":
             from .figures import render_artifact
@@ -362,17 +453,23 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "pretrained", None):
             from .pretrained import install
 
-            args.out = install(args.pretrained, args.out or Path("runs") / f"pretrained-{args.pretrained}")
+            out = args.out or Path("runs") / f"pretrained-{args.pretrained}"
+            check_out(out)
+            args.out = install(args.pretrained, out)
         if args.out is None:
             parser.error(f"{args.command}: the following arguments are required: --out/-o")
         run_dir: Path = args.out
+        check_out(run_dir)
         from . import distributed  # under torchrun, rank 0 leads and ranks > 0 follow (docs/distributed.md)
 
         if distributed.is_follower():
             return distributed.follow()
         if args.command != "run" and args.command != "fit" and not run_dir.is_dir():
             raise ArtifactError(f"{run_dir}: run directory not found")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArtifactError(f"{run_dir}: can't create the run directory ({exc.strerror or exc})") from None
         with distributed.leading(args.command), run_lock(run_dir):  # two writers would corrupt a run directory
             remove_stale_temps(run_dir)
             cfg = resolve_config(args, run_dir)
@@ -381,9 +478,13 @@ def main(argv: list[str] | None = None) -> int:
             check_inputs(stages[0], run_dir)
             if args.command not in ("fit", "run"):
                 check_architecture(cfg, run_dir)
+            if "sample" in stages:
+                check_sampling_budget(cfg, run_dir, getattr(args, "label", None), args.force)
             save_json(run_dir / CONFIG_FILE, cfg.to_dict())
             for stage in stages:
+                doing = stage
                 run_stage(stage, cfg, run_dir, args)
+            doing = args.command
             if args.command in ("run", "evaluate"):
                 print(summary_table(run_dir))
             if args.command == "run":
@@ -396,8 +497,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nefgpt: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:  # train raises one that says where its checkpoint is
-        print(f"nefgpt: {exc or 'interrupted'}", file=sys.stderr)
-        return 130
+        signum = getattr(exc, "signum", signal.SIGINT)  # Ctrl-C, or SIGTERM (Terminated, or train's)
+        if str(exc):
+            print(f"nefgpt: {exc}", file=sys.stderr)
+        elif signum == signal.SIGTERM:
+            where = doing if doing == args.command else f"{args.command} (stage {doing})"
+            print(f"nefgpt: terminated during {where}; no partial artifact was kept "
+                  "(run the command again to finish it)", file=sys.stderr)
+        else:
+            print("nefgpt: interrupted", file=sys.stderr)
+        return 128 + signum
+    finally:
+        restore_sigterm()
     return 0
 
 

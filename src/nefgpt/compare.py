@@ -34,6 +34,7 @@ COLUMNS = (
     ("mmd", "MMD ↓", "f4"),
     ("cov", "COV ↑", "pct"),
     ("1nna", "1-NNA (50% ideal)", "pct"),
+    ("diversity_ratio", "diversity ratio (1 ideal)", "f3"),
     ("near_copy_rate", "near-copy rate", "pct"),
     ("seconds_per_field", "sampling s/field", "sec"),
     ("train_seconds", "training s", "sec"),
@@ -113,6 +114,8 @@ def run_row(run_dir: Path, name: str, metrics: dict) -> dict[str, Any]:
     near_copy = novelty.get("near_copy_rate") if isinstance(novelty, dict) else None
     row = {"kind": "run", "method": model, "run": name, "run_dir": str(run_dir)}
     row.update({k: _number(metrics, k, run_dir / METRICS_FILE) for k in _REQUIRED})
+    # metrics.json files written before the diversity ratio was measured lack it: their cell shows "–".
+    row["diversity_ratio"] = _optional_number(metrics.get("diversity_ratio"), "diversity_ratio", run_dir / METRICS_FILE)
     row["near_copy_rate"] = _optional_number(near_copy, "novelty.near_copy_rate", run_dir / METRICS_FILE)
     row["seconds_per_field"] = sampling_seconds(run_dir)
     row["train_seconds"] = train_seconds(run_dir)
@@ -130,6 +133,7 @@ def ceiling_row(run_dir: Path, name: str, metrics: dict) -> dict[str, Any]:
     row = {"kind": "ceiling", "method": CEILING, "run": name, "run_dir": str(run_dir),
            "description": str(ceiling.get("description", "rendered training fields vs rendered held-out fields"))}
     row.update({k: _number(ceiling, k, path, "ceiling.") for k in _REQUIRED})
+    row["diversity_ratio"] = _optional_number(ceiling.get("diversity_ratio"), "ceiling.diversity_ratio", path)
     row["near_copy_rate"] = _optional_number(held, "novelty.heldout_near_copy_rate", path)
     row["seconds_per_field"] = None
     row["train_seconds"] = None

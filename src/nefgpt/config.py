@@ -21,6 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .baselines import BASELINES
 from .errors import UsageError
 
 
@@ -57,6 +58,10 @@ class TokenizerConfig:
     dead_fraction: float = 0.05  # a code used less than this fraction of the mean usage is reassigned
     tol: float = 1e-7  # stop when the relative MSE improvement falls below this
     seed: int = 0
+    # What the codebook quantizes: none = the raw weights; raw = offsets w - anchor from the shared anchor field;
+    # position / layer = those offsets divided by their std over the training fields, per weight position or per
+    # parameter tensor (W1, b1, W2, ...). Offsets need fit.init = shared (random-init fields have no shared anchor).
+    offsets: str = "none"  # none | raw | position | layer
 
 
 @dataclass
@@ -70,8 +75,25 @@ class TrainConfig:
     head_dim: int = 0  # 0 means n_embd // n_head; set it to decouple head count from width
     dropout: float = 0.0
     bias: bool = True
+    # Levers for learning the weight distribution (see nefgpt.model), all off by default:
+    class_embed: bool = False  # a learned class embedding (classes + null class) added at every position
+    pos_bias: str = "none"  # none | position | class: a learned logit bias per weight position (and per class)
+    # Decoupled decay of that bias, in its own AdamW group. Adam moves an entry the loss keeps pushing one way
+    # (a code that never occurs at a position) by about lr per step, so the decay bounds it near
+    # 1 / pos_bias_decay nats: 0.1, the matrices' default, lets it reach ~10 (such codes all but vanish).
+    pos_bias_decay: float = 0.1
+    # The bias's learning rate as a multiple of train.lr (see GPT.configure_optimizer).
+    pos_bias_lr_mult: float = 1.0
+    value_embed: bool = False  # add Fourier features of each code's value to its embedding (and tied head)
+    # HL-Gauss training targets: a Gaussian of this width, in code indices, around the target code; 0 = one-hot.
+    # Held-out and final losses (val_loss, train_loss) stay the plain cross-entropy; the per-step log has this one.
+    hl_sigma: float = 0.0
+    struct_pos: bool = False  # add embeddings of each weight's layer, output neuron, input neuron and kind
     batch_size: int = 32
     max_iters: int = 2000
+    # Wall-clock budget of the training loop in minutes (0 = none: exactly max_iters iterations, bit-reproducible).
+    # Training stops at whichever budget runs out first, and the LR schedule follows the faster of the two.
+    max_minutes: float = 0.0
     lr: float = 3e-3
     min_lr_frac: float = 0.1
     warmup_iters: int = 100
@@ -89,13 +111,17 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    # Use the setting `nefgpt tune` chose (tune.json) when the run has one; explicit
-    # --temperature/--top-k/--top-p (or --set sample.<them>) turn this off.
+    # Use the setting `nefgpt tune` chose (tune.json) when the run has one; false turns it off entirely.
     use_tuned: bool = True
+    # The sampling keys given by hand (--temperature/--top-k/--top-p/--min-p or --set sample.<key>): they keep
+    # their value and the tuned setting fills in only the others. Kept in config.json, so later commands sample
+    # the same way; the CLI fills it in, and `--set sample.use_tuned=true` clears it (back to the whole tuned setting).
+    explicit: list[str] = field(default_factory=list)
     n_per_class: int = 50
     temperature: float = 1.0
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0  # 1.0 disables nucleus filtering
+    min_p: float = 0.0  # keep tokens with probability >= min_p x the top token's (after temperature); 0 disables it
     guidance: float = 1.0  # classifier-free guidance scale: 1 is plain conditional sampling
     batch_size: int = 250
     seed: int = 0
@@ -111,9 +137,16 @@ class TuneConfig:
     top_ps: list[float] = field(default_factory=lambda: [1.0, 0.9])
     # Classifier-free guidance scales; values other than 1 need a model trained with train.p_uncond > 0.
     guidances: list[float] = field(default_factory=lambda: [1.0])
+    min_ps: list[float] = field(default_factory=lambda: [0.0])  # min-p thresholds; 0 is off
     search: str = "grid"  # grid | random
     budget: int = 0  # at most this many settings (random search draws them); 0 = the whole grid
-    objective: str = "nna_gap"  # nna_gap: |1-NNA - 0.5|; mmd; cov (maximized); accuracy (maximized)
+    # Wall-clock budget of the stage in minutes (0 = none): settings are tried in order and no new one starts
+    # once it has passed (at least one is always tried); the best is chosen among those tried. With a budget
+    # the result depends on the machine's speed; search = random makes the tried ones a random subset.
+    max_minutes: float = 0.0
+    # See nefgpt.tune.OBJECTIVES: nna_gap |1-NNA - 0.5|; mmd; cov (maximized); accuracy (maximized);
+    # diversity |1 - within-class diversity ratio|; balanced |1-NNA - 0.5| + |1 - diversity ratio|.
+    objective: str = "nna_gap"
     min_accuracy: float = 0.9  # settings below this classifier accuracy are not eligible
     n_per_class: int = 30
     seed: int = 0
@@ -300,10 +333,11 @@ _NON_NEGATIVE = {
     "data": ("subset_per_class", "tune_per_class"),
     "fit": ("steps", "anchor_steps"),
     "tokenize": ("max_iters",),
-    "train": ("max_iters", "warmup_iters", "head_dim"),
+    "train": ("max_iters", "warmup_iters", "head_dim", "max_minutes", "pos_bias_decay", "hl_sigma",
+              "pos_bias_lr_mult"),
     "sample": ("top_k",),
     "evaluate": (),
-    "tune": ("budget", "min_accuracy"),
+    "tune": ("budget", "min_accuracy", "max_minutes"),
     "regression": ("noise",),
     "diffusion": ("dropout", "p_uncond", "max_minutes", "min_lr_frac", "warmup_iters", "weight_decay", "grad_clip",
                   "eta", "clip_x0"),
@@ -320,15 +354,29 @@ _POSITIVE = {
     "diffusion": ("width", "n_blocks", "timesteps", "batch_size", "max_iters", "lr", "eval_interval",
                   "ckpt_interval", "eval_timesteps", "sample_steps"),
 }
+def _objectives() -> tuple[str, ...]:
+    from .tune import OBJECTIVES
+
+    return tuple(OBJECTIVES)
+
+
+def _sampling_keys() -> tuple[str, ...]:
+    from .tune import SAMPLING_KEYS
+
+    return SAMPLING_KEYS
+
+
 _CHOICES = {
     ("fit", "init"): ("shared", "random"),
     ("tokenize", "init"): ("quantile", "random"),
+    ("tokenize", "offsets"): ("none", "raw", "position", "layer"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
     ("train", "device"): ("auto", "cpu", "cuda"),
-    ("train", "model"): ("gpt", "regression", "diffusion", "gaussian", "copy_noise"),
+    ("train", "model"): ("gpt", *BASELINES),
     ("train", "conditioning"): ("class", "none"),
+    ("train", "pos_bias"): ("none", "position", "class"),
     ("tune", "search"): ("grid", "random"),
-    ("tune", "objective"): ("nna_gap", "mmd", "cov", "accuracy"),
+    ("tune", "objective"): _objectives,  # nefgpt.tune.OBJECTIVES, looked up when validating (tune imports config)
     ("regression", "loss"): ("mse", "l1"),
     ("diffusion", "dtype"): ("auto", "bf16", "fp32"),
     ("diffusion", "device"): ("auto", "cpu", "cuda"),
@@ -340,20 +388,25 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Reject values that can't work, with the setting's name in the message."""
     for section, keys in _NON_NEGATIVE.items():
         for key in keys:
-            if getattr(getattr(cfg, section), key) < 0:
-                raise UsageError(f"{section}.{key} must be >= 0, got {getattr(getattr(cfg, section), key)}")
+            v = getattr(getattr(cfg, section), key)
+            if not v >= 0 or (isinstance(v, float) and not math.isfinite(v)):  # also refuses NaN and inf
+                raise UsageError(f"{section}.{key} must be a finite number >= 0, got {v}")
     for section, keys in _POSITIVE.items():
         for key in keys:
             v = getattr(getattr(cfg, section), key)
             if not v > 0 or (isinstance(v, float) and not math.isfinite(v)):
                 raise UsageError(f"{section}.{key} must be > 0, got {v}")
     for (section, key), choices in _CHOICES.items():
+        choices = choices() if callable(choices) else choices
         if getattr(getattr(cfg, section), key) not in choices:
             raise UsageError(f"{section}.{key} must be one of {', '.join(choices)}")
     if not cfg.fit.hidden or min(cfg.fit.hidden) < 1:
         raise UsageError(f"fit.hidden must be a non-empty list of positive sizes, got {cfg.fit.hidden}")
     if cfg.tokenize.num_codes + 1 + 10 > 65536:
         raise UsageError("tokenize.num_codes is too large")
+    if cfg.tokenize.offsets != "none" and cfg.fit.init != "shared":
+        raise UsageError(f"tokenize.offsets = {cfg.tokenize.offsets} needs fit.init = shared: random-init fields have "
+                         "no shared anchor to take offsets from (use tokenize.offsets = none)")
     # Sampling values are checked here too, so a bad --temperature/--top-p/--top-k is refused before
     # config.json is saved and before `sample` clears its old outputs (sample.check_sampling rechecks).
     s = cfg.sample
@@ -361,6 +414,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError(f"sample.temperature must be a finite number >= 0, got {s.temperature}")
     if not 0 < s.top_p <= 1:
         raise UsageError(f"sample.top_p must be in (0, 1], got {s.top_p}")
+    if not 0 <= s.min_p < 1:  # also refuses NaN
+        raise UsageError(f"sample.min_p must be in [0, 1) (0 is off), got {s.min_p}")
+    unknown = [k for k in s.explicit if k not in _sampling_keys()]
+    if unknown:
+        raise UsageError(f"sample.explicit lists {', '.join(unknown)}: not a sampling key "
+                         f"({', '.join(_sampling_keys())})")
+    for m in cfg.tune.min_ps:
+        if not 0 <= m < 1:
+            raise UsageError(f"tune.min_ps must be in [0, 1) (0 is off), got {m}")
     if s.top_k > cfg.tokenize.num_codes:
         raise UsageError(f"sample.top_k must be 0 (off) or at most tokenize.num_codes = {cfg.tokenize.num_codes}, "
                          f"got {s.top_k}")

@@ -108,11 +108,13 @@ class Group:
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
-    def agree(self, loss: torch.Tensor, interrupted: bool) -> tuple[float, bool]:
-        """(mean loss over the ranks, whether any rank was interrupted), the same on every rank."""
+    def agree(self, loss: torch.Tensor, interrupted: bool, elapsed_s: float) -> tuple[float, bool, float]:
+        """(mean loss over the ranks, whether any rank was interrupted, the largest elapsed time), alike on every rank."""
         t = torch.tensor([float(loss.detach()), float(interrupted)], dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t[0]) / self.world_size, bool(t[1] > 0)
+        clock = torch.tensor([elapsed_s], dtype=torch.float64)
+        dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+        return float(t[0]) / self.world_size, bool(t[1] > 0), float(clock[0])
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -199,4 +201,4 @@ def follow_train(order: dict, group: Group) -> None:
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     optimizer.load_state_dict(order["optimizer"])
     train_steps(model, optimizer, order["train_seqs"].long(), cfg, order["null"], order["start"], device,
-                autocast_dtype(cfg.dtype, device), group, None)
+                autocast_dtype(cfg.dtype, device), group, None, float(order.get("elapsed_before", 0.0)))

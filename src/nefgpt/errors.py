@@ -1,5 +1,7 @@
 """Errors that the CLI turns into one line on stderr and a non-zero exit code."""
 
+import signal
+
 
 class NefgptError(Exception):
     """A runtime problem with an input, artifact or state: exit code 1."""
@@ -19,3 +21,10 @@ class DataError(NefgptError):
 
 class ArtifactError(NefgptError):
     """A run-directory artifact that is missing, corrupt or inconsistent."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the CLI's handler: the command unwinds as on Ctrl-C
+    (temporary files deleted, the run lock released) and the CLI exits 128 + 15 = 143."""
+
+    signum = signal.SIGTERM

@@ -5,6 +5,12 @@
   per-class counts.
 - The real-data ceiling: the same metrics for rendered *training* fields
   against the held-out fields, so a reader sees what a perfect model would get.
+- Within-class diversity ratio (metrics.diversity_ratio): per class, the mean
+  pairwise SSIM distance of the samples over that of the held-out fields,
+  averaged over classes (1 = as varied as the data, 0 = one image per class).
+  Its ceiling is the same ratio for the ceiling's second real set, the rendered
+  training fields (same classes and counts), against the held-out fields: what
+  a model reproducing the data would score, about 1 up to sampling noise.
 - Novelty: each sample's distance to its nearest rendered training field,
   compared with the same distance for held-out fields (near-copy rate).
 - Classifier score: a CNN trained on the train-split images scores the samples
@@ -117,11 +123,14 @@ def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
     gen, gen_l = gen_images[g_sel], gen_labels[g_sel]
     ref, ref_l = held_fields[r_sel], held_labels[r_sel]
     model_metrics = metrics.set_metrics_by_class(gen, gen_l, ref, ref_l)
+    diversity = metrics.diversity_by_class(gen, gen_l, ref, ref_l)
 
     train_labels = labels[train_idx]
     t_sel = balanced_indices(train_labels, counts, cfg.seed + 1)
     train_fields_sample = field.render(spec, nefs["weights"][train_idx[t_sel]], res)
     ceiling = metrics.set_metrics(train_fields_sample, ref)
+    ceiling["diversity_ratio"] = metrics.diversity_by_class(train_fields_sample, train_labels[t_sel], ref,
+                                                            ref_l)["ratio"]
 
     train_fields = field.render(spec, nefs["weights"][train_idx], res)
     gen_nn, gen_nn_idx = metrics.nearest_distance(gen, train_fields)
@@ -143,14 +152,21 @@ def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
         "1nna": model_metrics["overall"]["1nna"],
         "accuracy": score["accuracy"],
         "cross_entropy": score["cross_entropy"],
+        # None where no class has 2 samples and 2 held-out fields to measure it on.
+        "diversity_ratio": diversity["ratio"],
         "classifier_heldout_accuracy": clf_info["val_accuracy"],
         "per_class": {c: {**model_metrics["per_class"][c], "accuracy": score["per_class"][c]["accuracy"],
-                          "cross_entropy": score["per_class"][c]["cross_entropy"]}
+                          "cross_entropy": score["per_class"][c]["cross_entropy"],
+                          "diversity_ratio": diversity["per_class"][c]["ratio"],
+                          "mean_pairwise_distance": diversity["per_class"][c]["generated"],
+                          "heldout_mean_pairwise_distance": diversity["per_class"][c]["reference"]}
                       for c in model_metrics["per_class"]},
         "confusion": score["confusion"],
         "ceiling": {**ceiling, "accuracy": held_field_score["accuracy"],
                     "cross_entropy": held_field_score["cross_entropy"],
-                    "description": "rendered training fields vs rendered held-out fields, same sizes"},
+                    "description": "rendered training fields vs rendered held-out fields, same sizes (the "
+                                   "diversity ratio too: training fields' within-class diversity over the held-out "
+                                   "fields')"},
         "novelty": novelty,
         "nearest_train_index": train_idx[gen_nn_idx].tolist(),
     }

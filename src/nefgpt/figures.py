@@ -88,46 +88,78 @@ def _annotated_map(ax, values: np.ndarray, text: list[list[str]], cmap: str, vmi
             ax.text(c, r, text[r][c], ha="center", va="center", fontsize=8, color="white" if dark else "black")
 
 
-def save_tune_heatmap(path: Path, rows: list[dict], best: dict) -> None:
-    """Accuracy and 1-NNA of the tuned settings over top-k x (temperature or guidance), at the best top-p.
+# The sampling dimensions of tune.json rows, with their defaults for files written before they were tuned.
+_TUNE_DIMS = {"top_k": 0, "temperature": 1.0, "guidance": 1.0, "min_p": 0.0, "top_p": 1.0}
+_TUNE_LABELS = {"top_k": "top-k", "temperature": "temperature", "guidance": "guidance", "min_p": "min-p",
+                "top_p": "top-p"}
 
-    The rows are the temperatures, at the best setting's guidance; where only one temperature was
-    tried but several guidance scales, the rows are the guidance scales instead.
-    `rows` are tune.json's settings; cells that were not tried (random search) stay blank.
-    The best setting's cell is framed.
+
+def _tune_axes(rows: list[dict]) -> tuple[str, str]:
+    """(row dimension, column dimension) of the tuning heatmap: the dimensions that vary.
+
+    Columns are top-k when it varies (else the second varying dimension); rows are the first other varying
+    dimension in the order temperature, guidance, min-p, top-p.
+    """
+    value = lambda r, d: r.get(d, _TUNE_DIMS[d])  # noqa: E731
+    varying = [d for d in _TUNE_DIMS if len({value(r, d) for r in rows}) > 1]
+    others = [d for d in varying if d != "top_k"]
+    col = "top_k" if "top_k" in varying or len(others) < 2 else others[1]
+    row = next((d for d in others if d != col), "temperature")
+    return row, col
+
+
+def _tick(dim: str, v: float) -> str:
+    if dim == "top_k":
+        return str(v) if v else "off"
+    if (dim == "min_p" and v == 0) or (dim == "top_p" and v == 1):
+        return "off"
+    return f"{v:g}"
+
+
+def save_tune_heatmap(path: Path, rows: list[dict], best: dict) -> None:
+    """Accuracy, 1-NNA and (where measured) the diversity ratio of the tuned settings, on a 2-D slice of the search.
+
+    The two axes are the sampling dimensions that vary (see `_tune_axes`: columns top-k, rows temperature when both
+    vary); every other dimension is held at the best setting's value, and the title says which values those are
+    and how many tried settings lie off the slice. `rows` are tune.json's settings; cells that were not tried
+    (random search, or a time budget that ran out) stay blank. The best setting's cell is framed.
     """
     plt = pyplot()
-    guidance = lambda r: r.get("guidance", 1.0)  # noqa: E731 - tune.json files from before guidance was tuned
-    at_p = [r for r in rows if r["top_p"] == best["top_p"]]
-    by_guidance = len({r["temperature"] for r in at_p}) == 1 and len({guidance(r) for r in at_p}) > 1
-    if by_guidance:
-        row_key, row_of = "guidance", guidance
-    else:
-        at_p = [r for r in at_p if guidance(r) == guidance(best)]
-        row_key, row_of = "temperature", lambda r: r["temperature"]
-    ys = sorted({row_of(r) for r in at_p})
-    ks = sorted({r["top_k"] for r in at_p}, key=lambda k: (k == 0, k))  # 0 (off) keeps the most tokens: last
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.2 * len(ks) * 2, 1.4 + 0.6 * len(ys)), dpi=100)
-    for ax, key, title, cmap, (vmin, vmax) in ((axes[0], "accuracy", "classifier accuracy", "viridis", (0, 1)),
-                                               (axes[1], "1nna", "1-NNA (0.5 ideal)", "magma_r", (0.5, 1))):
-        values = np.full((len(ys), len(ks)), np.nan)
-        for r in at_p:
-            values[ys.index(row_of(r)), ks.index(r["top_k"])] = r[key]
-        text = [[f"{v:.0%}" for v in row] for row in values]
+    value = lambda r, d: r.get(d, _TUNE_DIMS[d])  # noqa: E731 - tune.json files from before guidance / min-p
+    row_dim, col_dim = _tune_axes(rows)
+    fixed_dims = [d for d in _TUNE_DIMS if d not in (row_dim, col_dim)]
+    at = [r for r in rows if all(value(r, d) == value(best, d) for d in fixed_dims)]
+    ys = sorted({value(r, row_dim) for r in at})
+    xs = sorted({value(r, col_dim) for r in at}, key=lambda k: (k == 0, k) if col_dim == "top_k" else k)  # k off last
+    panels = [("accuracy", "classifier accuracy", "viridis", (0, 1), "{:.0%}"),
+              ("1nna", "1-NNA (0.5 ideal)", "magma_r", (0.5, 1), "{:.0%}")]
+    if any(r.get("diversity_ratio") is not None for r in at):
+        panels.append(("diversity_ratio", "diversity ratio (1 ideal)", "RdBu", (0, 2), "{:.2f}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.2 * len(xs) * len(panels), 1.4 + 0.6 * len(ys)),
+                             dpi=100, squeeze=False)
+    for ax, (key, title, cmap, (vmin, vmax), fmt) in zip(axes[0], panels):
+        values = np.full((len(ys), len(xs)), np.nan)
+        for r in at:
+            if r.get(key) is not None:
+                values[ys.index(value(r, row_dim)), xs.index(value(r, col_dim))] = r[key]
+        text = [[fmt.format(v) for v in row] for row in values]
         _annotated_map(ax, values, text, cmap, vmin, vmax)
-        ax.set_xticks(range(len(ks)), [str(k) if k else "off" for k in ks])
-        ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-        ax.set_xlabel("top-k")
-        ax.set_ylabel(row_key)
+        ax.set_xticks(range(len(xs)), [_tick(col_dim, x) for x in xs])
+        ax.set_yticks(range(len(ys)), [_tick(row_dim, y) for y in ys])
+        ax.set_xlabel(_TUNE_LABELS[col_dim])
+        ax.set_ylabel(_TUNE_LABELS[row_dim])
         ax.set_title(title, fontsize=10)
-        bx, by = ks.index(best["top_k"]), ys.index(row_of(best))
+        bx, by = xs.index(value(best, col_dim)), ys.index(value(best, row_dim))
         ax.add_patch(plt.Rectangle((bx - 0.5, by - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    fixed = [f"top-p {best['top_p']:g}" if best["top_p"] < 1 else "no top-p"]
-    if row_key == "guidance":
-        fixed.append(f"T {best['temperature']:g}")
-    elif guidance(best) != 1:
-        fixed.append(f"guidance {guidance(best):g}")
-    fig.suptitle(f"sampling settings on the tuning split, {', '.join(fixed)} (best framed)", fontsize=10)
+    # Name the held values of the dimensions that were searched, and the defaults that differ from "off".
+    searched = {d for d in fixed_dims if len({value(r, d) for r in rows}) > 1}
+    fixed = [f"{_TUNE_LABELS[d]} {_tick(d, value(best, d))}" for d in fixed_dims
+             if d in searched or value(best, d) != _TUNE_DIMS[d]]
+    hidden = len(rows) - len(at)
+    title = "sampling settings on the tuning split" + (f", {', '.join(fixed)}" if fixed else "") + " (best framed)"
+    if hidden:
+        title += f"\n{hidden} other tried setting{'s' if hidden > 1 else ''} not shown (see tune_table.md)"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(path, fig)
 

@@ -21,7 +21,7 @@ LOCK_FILE = ".nefgpt.lock"
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run directory's lock for the body; raise NefgptError at once if another process holds it."""
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)  # minus the umask, like every artifact
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

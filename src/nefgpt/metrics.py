@@ -12,6 +12,13 @@ Gaussian-weighted patches, so one ``bmm`` gives all of them at once.
 The set metrics follow PointFlow (Yang et al. 2019) and HyperDiffusion, with
 S_g the generated set, S_r the reference set and D a distance (here SSIM
 distance ``(1 - SSIM) / 2``, so 0 for identical images).
+
+The within-class diversity ratio (`diversity_ratio`) compares how varied the
+samples of each class are with how varied the reference fields of that class
+are: per class, the mean D over pairs of generated images divided by the same
+for the reference images, averaged over classes. 1 is as varied as the data; a
+model that draws one image per class scores 0. Unlike COV and 1-NNA it does not
+depend on the sizes of the two sets (a mean over pairs is unbiased).
 """
 
 from __future__ import annotations
@@ -349,3 +356,62 @@ def set_metrics_by_class(
             entry.update({"mmd": None, "cov": None, "1nna": None})
         per_class[str(c)] = entry
     return {"overall": _metrics_from(d_gg, d_rr, d_gr), "per_class": per_class}
+
+
+# SSIM of identical images is 1 only up to float32 rounding: a mean distance below this is "all the same".
+_SAME_IMAGES = 1e-5
+
+
+def mean_pairwise_distance(images: torch.Tensor, chunk: int | None = None) -> float:
+    """Mean SSIM distance over the pairs of distinct images (i < j) of a set; nan for fewer than 2 images."""
+    n = len(images)
+    if n < 2:
+        return math.nan
+    d = ssim_distance(images, None, chunk).double()
+    return float((d.sum() - d.diagonal().sum()) / (n * (n - 1)))
+
+
+def diversity_by_class(
+    generated: torch.Tensor,
+    gen_labels: torch.Tensor,
+    reference: torch.Tensor,
+    ref_labels: torch.Tensor,
+    chunk: int | None = None,
+) -> dict:
+    """Per class, the mean pairwise SSIM distance of the generated and of the reference images, and their ratio.
+
+    Returns ``{"ratio": mean of the class ratios or None, "per_class": {"3": {"generated", "reference", "ratio",
+    "n_generated", "n_reference"}, ...}}``. A class's ratio is None when either set has fewer than 2 images of
+    it or its reference images are all identical (mean distance at most _SAME_IMAGES, float32 rounding of 0);
+    such classes are left out of the mean.
+    """
+    if gen_labels.shape != (len(generated),) or ref_labels.shape != (len(reference),):
+        raise UsageError("there must be one label per image")
+    per_class: dict[str, dict] = {}
+    ratios = []
+    for c in torch.unique(torch.cat([gen_labels.cpu(), ref_labels.cpu()])).tolist():
+        g = generated[(gen_labels == c).to(generated.device)]
+        r = reference[(ref_labels == c).to(reference.device)]
+        d_g, d_r = mean_pairwise_distance(g, chunk), mean_pairwise_distance(r, chunk)
+        ratio = d_g / d_r if math.isfinite(d_g) and math.isfinite(d_r) and d_r > _SAME_IMAGES else None
+        per_class[str(c)] = {"generated": d_g if math.isfinite(d_g) else None,
+                             "reference": d_r if math.isfinite(d_r) else None,
+                             "ratio": ratio, "n_generated": len(g), "n_reference": len(r)}
+        if ratio is not None:
+            ratios.append(ratio)
+    return {"ratio": sum(ratios) / len(ratios) if ratios else None, "per_class": per_class}
+
+
+def diversity_ratio(
+    generated: torch.Tensor,
+    gen_labels: torch.Tensor,
+    reference: torch.Tensor,
+    ref_labels: torch.Tensor,
+    chunk: int | None = None,
+) -> float:
+    """Within-class diversity ratio: per class, the mean pairwise SSIM distance D = (1 - SSIM) / 2 of the generated
+    images over that of the reference images, averaged over the classes where both are defined (see
+    `diversity_by_class`); nan when no class is. 1 is as varied as the reference, 0 is one image per class.
+    """
+    ratio = diversity_by_class(generated, gen_labels, reference, ref_labels, chunk)["ratio"]
+    return math.nan if ratio is None else ratio

@@ -2,7 +2,9 @@
 
 Decoding is incremental with a key/value cache. Logits are shaped in a fixed
 order: classifier-free guidance, then temperature, then top-k, then top-p
-(nucleus); temperature 0 is greedy. The model only scores codebook tokens, so
+(nucleus), then min-p (Nguyen et al. 2024: keep the tokens whose probability,
+after temperature, is at least ``min_p`` times the most likely token's; 0 is
+off); temperature 0 is greedy. The model only scores codebook tokens, so
 special tokens can't appear at weight positions. Sampling uses its own seeded
 generator, so it is reproducible.
 
@@ -18,6 +20,7 @@ sequence decoded together as one batch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -39,7 +42,8 @@ IMAGES_FILE = "samples.npz"
 GRID_FILE = "samples_grid.png"
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0) -> None:
+def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
+                   min_p: float = 0.0) -> None:
     if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
         raise UsageError(f"guidance must be a finite number >= 0, got {guidance}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -48,10 +52,71 @@ def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int,
         raise UsageError(f"top_p must be in (0, 1], got {top_p}")
     if top_k != 0 and not (1 <= top_k <= num_codes):
         raise UsageError(f"top_k must be 0 (off) or between 1 and {num_codes}, got {top_k}")
+    if not (isinstance(min_p, (int, float)) and 0 <= min_p < 1):  # also refuses NaN
+        raise UsageError(f"min_p must be in [0, 1) (0 is off), got {min_p}")
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Logits (B, V) -> probabilities after temperature, top-k and top-p, in that order."""
+# Sampling time per field when the run has none measured: a conservative CPU figure (the demo GPT measured
+# 0.066 s per field on 2 cores, docs/compare.json; the baselines are much faster).
+DEFAULT_SECONDS_PER_FIELD = 0.1
+LONG_SAMPLING_S = 600  # warn above 10 minutes
+
+
+def sampling_bytes_per_field(num_weights: int) -> int:
+    """Memory a sampled field takes until the artifacts are written: int64 tokens while sampling, int16 tokens
+    and float32 weights saved, and its 28x28 float32 render (and the .npz copy of it)."""
+    return num_weights * (8 + 2 + 4) + 2 * 28 * 28 * 4
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return None
+
+
+def check_sampling_size(n_per_class: int, classes: int, num_weights: int,
+                        seconds_per_field: float | None = None, measured: bool = False) -> str | None:
+    """Refuse (UsageError) a sampling whose results would not fit in half of the machine's memory;
+    return a one-line warning when it would run longer than LONG_SAMPLING_S, else None.
+
+    Called before any work is done, so an absurd ``-n`` changes nothing.
+    """
+    n = n_per_class * classes
+    need = n * sampling_bytes_per_field(num_weights)
+    ram = physical_memory()
+    if ram and need > ram // 2:
+        raise UsageError(f"sample.n_per_class = {n_per_class}: {n} fields of {num_weights} weights would need an "
+                         f"estimated {_size(need)} of memory, more than half of this machine's {_size(ram)}; "
+                         "sample fewer per class (-n)")
+    per_field = seconds_per_field if seconds_per_field and seconds_per_field > 0 else DEFAULT_SECONDS_PER_FIELD
+    seconds = n * per_field
+    if seconds <= LONG_SAMPLING_S:
+        return None
+    how = "measured by this run's last sampling" if measured and seconds_per_field else "a rough CPU figure"
+    return (f"nefgpt: warning: sampling {n} fields (sample.n_per_class = {n_per_class}) will take an estimated "
+            f"{_duration(seconds)} ({per_field:.3g} s per field, {how})")
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:,.1f} TiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.0f} days"
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """Logits (B, V) -> probabilities after temperature, top-k, top-p and min-p, in that order."""
     if temperature == 0:
         probs = torch.zeros_like(logits, dtype=torch.float32)
         return probs.scatter_(1, logits.argmax(dim=1, keepdim=True), 1.0)
@@ -74,6 +139,10 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         drop_sorted = (cum - sorted_logits.softmax(dim=1)) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0:
+        # p_i >= min_p * p_max  <=>  l_i - l_max >= log(min_p) on the tempered logits, whose maximum is exactly 0
+        # (renormalizing after top-k / top-p changes no ratio, and both keep the maximum), so the argmax survives.
+        logits = logits.masked_fill(logits < math.log(min_p), float("-inf"))
     return logits.softmax(dim=1)
 
 
@@ -96,11 +165,12 @@ def check_guidance(guidance: float, trained: dict, where: str) -> None:
 
 @torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
-             top_p: float, generator: torch.Generator, use_cache: bool = True, guidance: float = 1.0) -> torch.Tensor:
+             top_p: float, generator: torch.Generator, use_cache: bool = True, guidance: float = 1.0,
+             min_p: float = 0.0) -> torch.Tensor:
     """Code tokens (B, num_weights) for class labels (B,); label -1 is the null class (unconditional).
 
     With guidance g != 1 the B conditional and B null-class sequences run as one batch of 2B (one cache) and
-    each step's logits are ``l_null + g (l_cond - l_null)``, before temperature, top-k and top-p; both
+    each step's logits are ``l_null + g (l_cond - l_null)``, before temperature, top-k, top-p and min-p; both
     halves are then extended with the same sampled token.
     """
     device = next(model.parameters()).device
@@ -121,7 +191,7 @@ def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, t
     logits = mix(model(seq, cache, 0)[:, -1])
     out = torch.empty(seq.shape[0], num_weights, dtype=torch.long, device=device)
     for i in range(num_weights):
-        probs = filter_logits(logits, temperature, top_k, top_p)
+        probs = filter_logits(logits, temperature, top_k, top_p, min_p)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
         if guided:
             nxt = nxt.repeat(2, 1)
@@ -156,8 +226,9 @@ def load_checked_model(run_dir: Path, vocab: Vocab, spec: field.FieldSpec, tok_i
 
 
 def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
-    codebook, vocab, spec, tok_id = load_tokenizer(run_dir / TOKENIZER_FILE)
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance)
+    tok = load_tokenizer(run_dir / TOKENIZER_FILE)
+    vocab, spec, tok_id = tok.vocab, tok.spec, tok.id
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p)
     model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
     trained = trained_config(ckpt)
     check_guidance(cfg.guidance, trained, str(run_dir / CKPT_FILE))
@@ -178,11 +249,11 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     chunks = []
     for batch in tqdm(conditions.split(cfg.batch_size), desc="sample", disable=not progress):
         chunks.append(generate(model, batch, vocab, spec.num_params, cfg.temperature, cfg.top_k, cfg.top_p, gen,
-                               guidance=cfg.guidance).cpu())
+                               guidance=cfg.guidance, min_p=cfg.min_p).cpu())
     tokens = torch.cat(chunks)
     meta = {"tokenizer_id": tok_id, "sampling": vars(cfg).copy(), "conditioned": conditioned,
             "seconds_per_field": (time.perf_counter() - t0) / len(all_labels)}
-    save_samples(run_dir, spec, codebook[tokens], all_labels, meta,
+    save_samples(run_dir, spec, tok.decode(tokens), all_labels, meta,
                  extra={"tokens": tokens.to(torch.int16)}, per_row=min(cfg.n_per_class, 10))
     return {"n": len(all_labels), "sampling": vars(cfg).copy(), "conditioned": conditioned}
 

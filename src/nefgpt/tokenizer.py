@@ -7,6 +7,10 @@ repeat until the error stops improving. In one dimension the nearest code is a
 binary search between sorted code midpoints, so each pass over millions of
 weights takes milliseconds.
 
+With ``tokenize.offsets`` other than ``none`` the codebook quantizes offsets from
+the shared anchor field, ``(w - anchor) / scale`` (see `Tokenizer`); tokens always
+become weights through `Tokenizer.decode`.
+
 Vocabulary layout (256 with the defaults): codes ``0 .. K-1``, then SOS = K,
 then one class token per class, ``K + 1 + c``.
 """
@@ -22,7 +26,7 @@ import torch
 from . import field
 from .artifacts import load_tensors, save_json, save_tensors
 from .config import TokenizerConfig
-from .errors import ArtifactError
+from .errors import ArtifactError, UsageError
 from .field import FieldSpec
 from .weight_stats import save_tokenizer_figure
 
@@ -108,27 +112,156 @@ def learn_codebook(values: torch.Tensor, cfg: TokenizerConfig) -> tuple[torch.Te
     return codebook.float(), stats
 
 
-def tokenizer_id(codebook: torch.Tensor) -> str:
-    """A short content hash, stored in checkpoints so a mismatched tokenizer is caught."""
-    return hashlib.sha256(codebook.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+OFFSET_MODES = ("none", "raw", "position", "layer")
+SCALE_FLOOR = 1e-3  # a scale is at least this fraction of the pooled std of the training offsets
 
 
-def save_tokenizer(path: Path, codebook: torch.Tensor, vocab: Vocab, spec: FieldSpec) -> None:
-    meta = {"num_codes": vocab.num_codes, "num_classes": vocab.num_classes, "vocab_size": vocab.size,
-            "field": spec.to_meta(), "tokenizer_id": tokenizer_id(codebook)}
-    save_tensors(path, {"codebook": codebook}, meta)
+def tokenizer_id(codebook: torch.Tensor, offsets: str = "none", reference: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None) -> str:
+    """A short content hash, stored in checkpoints so a mismatched tokenizer is caught.
+
+    An `offsets = none` tokenizer hashes its codebook alone (the ids of earlier runs); the other modes also hash
+    the mode, the reference field and the scales.
+    """
+    h = hashlib.sha256(codebook.float().contiguous().numpy().tobytes())
+    if offsets != "none":
+        h.update(f"offsets={offsets}".encode())
+        for t in (reference, scale):
+            h.update(t.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-def load_tokenizer(path: Path) -> tuple[torch.Tensor, Vocab, FieldSpec, str]:
+@dataclass(frozen=True, eq=False)
+class Tokenizer:
+    """Everything that turns fields into tokens and back.
+
+    With ``offsets = "none"`` a weight is quantized as it is and token t decodes to ``codebook[t]``. Otherwise
+    the codebook quantizes ``(w - reference) / scale`` position by position (the reference is the shared anchor
+    field; the scale is all ones for ``raw``, the per-position or per-tensor std of the training offsets for
+    ``position`` / ``layer``), and token t at position p decodes to ``reference[p] + scale[p] * codebook[t]``.
+    """
+
+    codebook: torch.Tensor  # (num_codes,) sorted, float32
+    vocab: Vocab
+    spec: FieldSpec
+    offsets: str = "none"
+    reference: torch.Tensor | None = None  # (num_params,) float32, or None for offsets = none
+    scale: torch.Tensor | None = None  # (num_params,) float32 > 0, or None for offsets = none
+
+    def __post_init__(self) -> None:
+        if self.offsets not in OFFSET_MODES:
+            raise ValueError(f"offsets must be one of {', '.join(OFFSET_MODES)}, got {self.offsets!r}")
+        if self.codebook.shape != (self.vocab.num_codes,) or not bool((self.codebook[1:] >= self.codebook[:-1]).all()):
+            raise ValueError(f"codebook must be {self.vocab.num_codes} sorted values, got shape "
+                             f"{tuple(self.codebook.shape)}")
+        if self.offsets == "none":
+            if self.reference is not None or self.scale is not None:
+                raise ValueError("an offsets = none tokenizer has no reference field or scales")
+            return
+        p = self.spec.num_params
+        for name in ("reference", "scale"):
+            t = getattr(self, name)
+            if t is None or t.shape != (p,) or t.dtype != torch.float32:
+                raise ValueError(f"offsets = {self.offsets} needs a float32 '{name}' of shape ({p},), got "
+                                 f"{None if t is None else (tuple(t.shape), t.dtype)}")
+        if not bool((self.scale > 0).all()):
+            raise ValueError("offset scales must be > 0")
+
+    @property
+    def id(self) -> str:
+        return tokenizer_id(self.codebook, self.offsets, self.reference, self.scale)
+
+    def values(self, weights: torch.Tensor) -> torch.Tensor:
+        """The scalars the codebook quantizes: the weights (B, P) themselves, or their standardized offsets."""
+        if self.offsets == "none":
+            return weights
+        return (weights - self.reference.to(weights.device)) / self.scale.to(weights.device)
+
+    def encode(self, weights: torch.Tensor) -> torch.Tensor:
+        """Fields (B, num_params) -> tokens (B, num_params), int64 codes."""
+        return assign(self.values(weights), self.codebook.to(weights.device))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Codes (B, num_params), any integer dtype -> field weights (B, num_params), float32.
+
+        The one way tokens become weights: sampling, tuning and every baseline that emits tokens decode here.
+        """
+        codes = self.codebook.to(tokens.device)[tokens.long()]
+        if self.offsets == "none":
+            return codes
+        return self.reference.to(tokens.device) + self.scale.to(tokens.device) * codes
+
+
+def offset_frame(mode: str, train_weights: torch.Tensor, anchor: torch.Tensor | None,
+                 spec: FieldSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The reference field and the (num_params,) scales of an offsets mode, from the training fields.
+
+    Scales are population stds of ``w - anchor`` over the training fields, per position or pooled per parameter
+    tensor, clamped to at least SCALE_FLOOR times the pooled std (positions no field moved have std 0).
+    """
+    if mode == "none":
+        return None, None
+    if anchor is None:
+        raise UsageError(f"tokenize.offsets = {mode} needs fields fitted from a shared anchor (fit.init = shared); "
+                         "these have none (use tokenize.offsets = none)")
+    reference = anchor.float().reshape(-1).clone()
+    if mode == "raw":
+        return reference, torch.ones_like(reference)
+    offsets = (train_weights.double() - reference.double())
+    if mode == "position":
+        scale = offsets.std(0, correction=0)
+    else:  # layer: one std per parameter tensor, in flatten order W1, b1, W2, b2, ...
+        scale, pos = torch.empty(spec.num_params, dtype=torch.float64), 0
+        for out_f, in_f in spec.layer_shapes:
+            for size in (out_f * in_f, out_f):
+                scale[pos:pos + size] = offsets[:, pos:pos + size].std(correction=0)
+                pos += size
+    pooled = float(offsets.std(correction=0)) if offsets.numel() else 0.0
+    floor = SCALE_FLOOR * pooled if pooled > 0 else 1.0
+    return reference, scale.clamp_min(floor).float()
+
+
+def learn_tokenizer(train_weights: torch.Tensor, spec: FieldSpec, cfg: TokenizerConfig, num_classes: int,
+                    anchor: torch.Tensor | None = None) -> tuple[Tokenizer, dict]:
+    """The tokenizer of `cfg` learned on the training fields (B, num_params); `anchor` is the shared init field."""
+    reference, scale = offset_frame(cfg.offsets, train_weights, anchor, spec)
+    vocab = Vocab(cfg.num_codes, num_classes)
+    frame = Tokenizer(torch.zeros(cfg.num_codes), vocab, spec, cfg.offsets, reference, scale)
+    codebook, stats = learn_codebook(frame.values(train_weights), cfg)
+    return Tokenizer(codebook, vocab, spec, cfg.offsets, reference, scale), stats
+
+
+def save_tokenizer(path: Path, tok: Tokenizer | torch.Tensor, vocab: Vocab | None = None,
+                   spec: FieldSpec | None = None) -> None:
+    """Write `tok`; the older form ``save_tokenizer(path, codebook, vocab, spec)`` writes an offsets = none one."""
+    if not isinstance(tok, Tokenizer):
+        tok = Tokenizer(tok, vocab, spec)
+    meta = {"num_codes": tok.vocab.num_codes, "num_classes": tok.vocab.num_classes, "vocab_size": tok.vocab.size,
+            "field": tok.spec.to_meta(), "tokenizer_id": tok.id, "offsets": tok.offsets}
+    tensors = {"codebook": tok.codebook}
+    if tok.offsets != "none":
+        tensors |= {"reference": tok.reference, "scale": tok.scale}
+    save_tensors(path, tensors, meta)
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Read a tokenizer; files written before offsets existed (no 'offsets' metadata) load as offsets = none."""
     tensors, meta = load_tensors(path, {"codebook": torch.float32})
-    codebook = tensors["codebook"]
     try:
         vocab = Vocab(int(meta["num_codes"]), int(meta["num_classes"]))
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"{path}: missing vocabulary metadata") from None
-    if codebook.shape != (vocab.num_codes,) or not bool((codebook[1:] >= codebook[:-1]).all()):
-        raise ArtifactError(f"{path}: codebook must be {vocab.num_codes} sorted values, got shape {tuple(codebook.shape)}")
-    return codebook, vocab, FieldSpec.from_meta(meta.get("field", {}), str(path)), tokenizer_id(codebook)
+    spec = FieldSpec.from_meta(meta.get("field", {}), str(path))
+    offsets = meta.get("offsets", "none")
+    if not isinstance(offsets, str) or offsets not in OFFSET_MODES:
+        raise ArtifactError(f"{path}: unknown offsets mode {offsets!r} (known: {', '.join(OFFSET_MODES)})")
+    extra = [name for name in ("reference", "scale") if name in tensors]
+    if offsets == "none" and extra:
+        raise ArtifactError(f"{path}: has offset tensors {extra} but its metadata says offsets = none")
+    try:
+        return Tokenizer(tensors["codebook"], vocab, spec, offsets, tensors.get("reference"), tensors.get("scale"))
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
 
 
 def run_tokenize(cfg: TokenizerConfig, run_dir: Path, num_classes: int) -> dict:
@@ -140,16 +273,22 @@ def run_tokenize(cfg: TokenizerConfig, run_dir: Path, num_classes: int) -> dict:
     split = load_split(run_dir)
     weights = nefs["weights"]
     train = torch.tensor(split["train"], dtype=torch.long)
-    codebook, stats = learn_codebook(weights[train], cfg)
-    vocab = Vocab(cfg.num_codes, num_classes)
-    tokens = assign(weights, codebook)
-    quantized = codebook[tokens]
+    held = torch.tensor(split["heldout"], dtype=torch.long)
+    tok, stats = learn_tokenizer(weights[train], spec, cfg, num_classes, nefs.get("anchor"))
+    vocab, codebook = tok.vocab, tok.codebook
+    tokens = tok.encode(weights)
+    quantized = tok.decode(tokens)
+    sq_err = (quantized.double() - weights.double()) ** 2
     _, images, _ = load_split_images(run_dir)
     res = images.shape[-1]
     psnr_q = field.psnr(field.render(spec, quantized, res), images)
     psnr_f = nefs["psnr"]  # stored by `fit` against the same images
     report = {
-        **{k: v for k, v in stats.items() if k != "mse_history"},
+        **{k: v for k, v in stats.items() if k != "mse_history"},  # mse: in the units the codebook quantizes
+        "offsets": tok.offsets,
+        # In weight space, so every offsets mode is comparable: mean (decoded - fitted)^2 over the fields' weights.
+        "weight_mse": float(sq_err[train].mean()),
+        "weight_mse_heldout": float(sq_err[held].mean()) if len(held) else None,
         "num_codes": vocab.num_codes,
         "vocab_size": vocab.size,
         "sos_token": vocab.sos,
@@ -157,17 +296,22 @@ def run_tokenize(cfg: TokenizerConfig, run_dir: Path, num_classes: int) -> dict:
         "psnr_fitted_mean": float(psnr_f.mean()),
         "psnr_quantized_mean": float(psnr_q.mean()),
         "psnr_loss_db": float(psnr_f.mean() - psnr_q.mean()),
-        "tokenizer_id": tokenizer_id(codebook),
+        "tokenizer_id": tok.id,
         "mse_history": stats["mse_history"],
     }
-    save_tokenizer(run_dir / TOKENIZER_FILE, codebook, vocab, spec)
+    if tok.offsets != "none":
+        report["offset_scale"] = {"min": float(tok.scale.min()), "median": float(tok.scale.median()),
+                                  "max": float(tok.scale.max())}
+    save_tokenizer(run_dir / TOKENIZER_FILE, tok)
     save_tensors(run_dir / TOKENS_FILE, {"tokens": tokens.to(torch.int16), "labels": nefs["labels"]},
                  {"tokenizer_id": report["tokenizer_id"]})
     save_json(run_dir / REPORT_FILE, report)
     # One field of each of the first classes, so the figure shows varied shapes.
     shown = [int(train[(nefs["labels"][train] == c).nonzero()[0, 0]]) for c in nefs["labels"][train].unique()[:6]]
-    save_tokenizer_figure(run_dir / FIGURE_FILE, weights[train], codebook, spec, weights[shown], quantized[shown],
-                          images[shown])
+    label = {"none": "weight value", "raw": "offset w - anchor", "position": "(w - anchor) / per-position std",
+             "layer": "(w - anchor) / per-tensor std"}[tok.offsets]
+    save_tokenizer_figure(run_dir / FIGURE_FILE, tok.values(weights[train]), codebook, spec, weights[shown],
+                          quantized[shown], images[shown], value_label=label)
     return report
 
 

@@ -1,15 +1,21 @@
-"""Stage `tune`: search sampling settings (guidance x temperature x top-k x top-p) on the tuning split.
+"""Stage `tune`: search sampling settings (guidance x temperature x top-k x top-p x min-p) on the tuning split.
 
 Each setting samples the same number of fields per class with the trained GPT,
 renders them, and scores them against the rendered fields of the tuning split
 (``split["tune"]``: neither trained on nor part of the held-out set that
 `evaluate` reports) with the evaluation's own measures: MMD, COV and 1-NNA under
-the SSIM distance, and the accuracy of evaluate's classifier (trained and saved
-here if the run has none yet, so both stages score with the same network).
+the SSIM distance, the within-class diversity ratio (metrics.diversity_ratio:
+how varied the samples of a class are, relative to the tuning fields of that
+class; 1 is as varied as the data), and the accuracy of evaluate's classifier
+(trained and saved here if the run has none yet, so both stages score with the
+same network).
 
 Every setting samples from the same seed, so settings differ by their effect,
 not by sampling noise. The best setting minimises the objective among settings
 whose accuracy reaches ``min_accuracy``; `sample` then uses it by default.
+With ``max_minutes`` the settings are tried in order until the stage has run
+that long (the one under way is finished), and the best is chosen among those
+tried; tune.json records how many were tried and why the search stopped.
 Writes ``tune.json`` (every setting's scores and ``best``), ``tune_table.md``
 and ``tune_heatmap.png``.
 """
@@ -17,8 +23,10 @@ and ``tune_heatmap.png``.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -38,33 +46,58 @@ from .train import CKPT_FILE
 TUNE_FILE = "tune.json"
 TABLE_FILE = "tune_table.md"
 HEATMAP_FILE = "tune_heatmap.png"
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "guidance")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance")
 # Fixed rather than sample.batch_size: how samples are batched decides which random draws each one gets,
 # and the tuning result should depend on the [tune] settings alone.
 BATCH_SIZE = 250
-# What each objective computes from a setting's scores; lower is better, so maximised scores are negated.
+
+
+class Objective(NamedTuple):
+    """A tuning objective: what it is, in words, and its value for a setting's scores (lower is better)."""
+
+    definition: str
+    score: Callable[[dict], float]
+    uses_diversity: bool = False
+
+    def __call__(self, row: dict) -> float:
+        return self.score(row)
+
+
+def _diversity_gap(row: dict) -> float:
+    """|1 - diversity ratio|; inf where the ratio could not be measured (classes of fewer than 2 fields)."""
+    ratio = row.get("diversity_ratio")
+    return math.inf if ratio is None else abs(1.0 - ratio)
+
+
+# The one list of objectives (config.py validates tune.objective against it); maximised scores are negated.
 OBJECTIVES = {
-    "nna_gap": lambda row: abs(row["1nna"] - 0.5),
-    "mmd": lambda row: row["mmd"],
-    "cov": lambda row: -row["cov"],
-    "accuracy": lambda row: -row["accuracy"],
+    "nna_gap": Objective("|1-NNA - 0.5|", lambda row: abs(row["1nna"] - 0.5)),
+    "mmd": Objective("MMD", lambda row: row["mmd"]),
+    "cov": Objective("-COV", lambda row: -row["cov"]),
+    "accuracy": Objective("-accuracy", lambda row: -row["accuracy"]),
+    "diversity": Objective("|1 - within-class diversity ratio|", _diversity_gap, True),
+    "balanced": Objective("|1-NNA - 0.5| + |1 - within-class diversity ratio|",
+                          lambda row: abs(row["1nna"] - 0.5) + _diversity_gap(row), True),
 }
 
 
 def load_best_setting(run_dir: Path) -> dict:
-    """The chosen {temperature, top_k, top_p, guidance} of a run's tune.json (guidance 1 where it has none)."""
+    """The chosen {temperature, top_k, top_p, min_p, guidance} of a run's tune.json.
+
+    tune.json files written before guidance or min-p were tuned mean guidance 1 and min-p 0 (off).
+    """
     path = run_dir / TUNE_FILE
     try:
         best = load_json(path)["best"]
         return {"temperature": float(best["temperature"]), "top_k": int(best["top_k"]), "top_p": float(best["top_p"]),
-                "guidance": float(best.get("guidance", 1.0))}
+                "min_p": float(best.get("min_p", 0.0)), "guidance": float(best.get("guidance", 1.0))}
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"{path}: no valid 'best' sampling setting; rerun `nefgpt tune --force`") from None
 
 
 def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     """The settings to try, in the order they are tried; each is checked before any sampling starts."""
-    for name in ("temperatures", "top_ks", "top_ps", "guidances"):
+    for name in ("temperatures", "top_ks", "top_ps", "min_ps", "guidances"):
         if not getattr(cfg, name):
             raise UsageError(f"tune.{name} must list at least one value")
     if cfg.objective not in OBJECTIVES:
@@ -73,11 +106,18 @@ def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
         raise UsageError(f"tune.search must be grid or random, got {cfg.search!r}")
     if not 0 <= cfg.min_accuracy <= 1:
         raise UsageError(f"tune.min_accuracy must be in [0, 1], got {cfg.min_accuracy}")
+    if not (math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0):
+        raise UsageError(f"tune.max_minutes must be a finite number >= 0 (0 = no budget), got {cfg.max_minutes}")
+    if OBJECTIVES[cfg.objective].uses_diversity and cfg.n_per_class < 2:
+        raise UsageError(f"tune.objective = {cfg.objective} measures the diversity within each class, which needs "
+                         f"tune.n_per_class >= 2, got {cfg.n_per_class}")
     grid = []
-    for g, t, k, p in itertools.product(cfg.guidances, cfg.temperatures, cfg.top_ks, cfg.top_ps):
-        setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p), "guidance": float(g)}
+    for g, t, k, p, m in itertools.product(cfg.guidances, cfg.temperatures, cfg.top_ks, cfg.top_ps, cfg.min_ps):
+        setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p), "min_p": float(m),
+                   "guidance": float(g)}
         try:
-            check_sampling(setting["temperature"], setting["top_k"], setting["top_p"], num_codes, setting["guidance"])
+            check_sampling(setting["temperature"], setting["top_k"], setting["top_p"], num_codes, setting["guidance"],
+                           setting["min_p"])
         except UsageError as exc:
             raise UsageError(f"tune: {exc}") from None
         if setting not in grid:
@@ -108,13 +148,18 @@ def format_table(rows: list[dict], best: int, objective: str) -> str:
     def fmt_k(k: int) -> str:
         return str(k) if k else "–"
 
-    lines = [f"| guidance | T | top-k | top-p | accuracy | CE | MMD | COV | 1-NNA | {objective} |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    def fmt(value: float | None, spec: str) -> str:
+        return "–" if value is None or not math.isfinite(value) else format(value, spec)
+
+    # min-p, diversity and guidance are read with defaults: tune.json files written before they were tuned lack them.
+    lines = [f"| guidance | T | top-k | top-p | min-p | accuracy | CE | MMD | COV | 1-NNA | diversity | {objective} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         cells = [f"{r.get('guidance', 1.0):g}", f"{r['temperature']:g}", fmt_k(r["top_k"]),
                  f"{r['top_p']:g}" if r["top_p"] < 1 else "–",
+                 f"{r.get('min_p', 0.0):g}" if r.get("min_p", 0.0) > 0 else "–",
                  f"{r['accuracy']:.1%}", f"{r['cross_entropy']:.3f}", f"{r['mmd']:.4f}", f"{r['cov']:.1%}",
-                 f"{r['1nna']:.1%}", f"{r['objective']:.4f}"]
+                 f"{r['1nna']:.1%}", fmt(r.get("diversity_ratio"), ".3f"), fmt(r.get("objective"), ".4f")]
         if i == best:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
@@ -137,7 +182,8 @@ def _tuning_reference(run_dir: Path, split: dict, weights: torch.Tensor, labels:
 def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     t0 = time.time()
     tc = cfg.tune
-    codebook, vocab, spec, tok_id = load_tokenizer(run_dir / TOKENIZER_FILE)
+    tok = load_tokenizer(run_dir / TOKENIZER_FILE)
+    vocab, spec, tok_id = tok.vocab, tok.spec, tok.id
     model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
     settings = candidate_settings(tc, vocab.num_codes)
     for g in {s["guidance"] for s in settings}:
@@ -157,37 +203,55 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     clf, _ = get_classifier(run_dir, cfg.evaluate, images[train_idx], labels[train_idx], images[held_idx],
                             labels[held_idx], progress)
     gen_labels = torch.cat([torch.full((k,), c, dtype=torch.long) for c, k in counts.items()])
+    if OBJECTIVES[tc.objective].uses_diversity and max(counts.values()) < 2:
+        raise ArtifactError(f"{run_dir / SPLIT_FILE}: tune.objective = {tc.objective} measures the diversity within "
+                            "each class, which needs at least 2 tuning fields of a class; redo `nefgpt fit --force` "
+                            "with data.tune_per_class >= 2")
 
     rows = []
+    stop_reason = "all settings tried"
     bar = tqdm(settings, desc="tune", unit="setting", disable=not progress)
     for setting in bar:
+        if rows and tc.max_minutes > 0 and time.time() - t0 > 60 * tc.max_minutes:
+            stop_reason = "max_minutes"
+            break
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(tc.seed)
         tokens = torch.cat([
             generate(model, batch, vocab, spec.num_params, setting["temperature"], setting["top_k"], setting["top_p"],
-                     gen, guidance=setting["guidance"]).cpu()
+                     gen, guidance=setting["guidance"], min_p=setting["min_p"]).cpu()
             for batch in gen_labels.split(BATCH_SIZE)
         ])
-        images_gen = field.render(spec, codebook[tokens], 28)
+        images_gen = field.render(spec, tok.decode(tokens), 28)
         scores = score_images(clf, images_gen, gen_labels)
         row = {**setting, **metrics.set_metrics(images_gen, ref), "accuracy": scores["accuracy"],
                "cross_entropy": scores["cross_entropy"],
-               "per_class_accuracy": {c: v["accuracy"] for c, v in scores["per_class"].items() if v["n"]},
-               "seconds": time.perf_counter() - start}
-        row["objective"] = OBJECTIVES[tc.objective](row)
+               "per_class_accuracy": {c: v["accuracy"] for c, v in scores["per_class"].items() if v["n"]}}
+        diversity = metrics.diversity_ratio(images_gen, gen_labels, ref, ref_labels)
+        row["diversity_ratio"] = diversity if math.isfinite(diversity) else None  # None: no class of >= 2 fields
+        row["seconds"] = time.perf_counter() - start
+        objective = OBJECTIVES[tc.objective](row)
+        row["objective"] = objective if math.isfinite(objective) else None
         row["eligible"] = row["accuracy"] >= tc.min_accuracy
         rows.append(row)
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", nna=f"{row['1nna']:.2f}", refresh=False)
 
+    bar.close()
     best, qualified = choose_best(rows, tc.objective, tc.min_accuracy)
     note = (f"best {tc.objective} among {sum(r['eligible'] for r in rows)} settings with accuracy >= {tc.min_accuracy}"
             if qualified else f"no setting reached accuracy {tc.min_accuracy}; chose the most accurate one")
     result = {
         "objective": tc.objective,
-        "objective_definition": {"nna_gap": "|1-NNA - 0.5|", "mmd": "MMD", "cov": "-COV",
-                                 "accuracy": "-accuracy"}[tc.objective] + " (lower is better)",
+        "objective_definition": OBJECTIVES[tc.objective].definition + " (lower is better)",
         "min_accuracy": tc.min_accuracy,
         "search": tc.search,
+        "n_settings_planned": len(settings),
+        "n_settings_tried": len(rows),
+        # "all settings tried", or "max_minutes": the stage ran past tune.max_minutes and started no further setting.
+        "stop_reason": stop_reason,
+        "max_minutes": tc.max_minutes,
+        "diversity_definition": "per class, mean pairwise (1 - SSIM) / 2 of the samples over the same for the "
+                                "reference fields of the class, averaged over classes (1 = as varied as the data)",
         "n_generated": len(gen_labels),
         "n_reference": len(ref),
         "reference": "rendered tuning-split fields (split.json 'tune')",

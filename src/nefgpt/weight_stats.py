@@ -37,8 +37,12 @@ def init_stats(weights: torch.Tensor, inits: torch.Tensor) -> dict:
 
 
 def save_tokenizer_figure(path: Path, train_weights: torch.Tensor, codebook: torch.Tensor, spec: field.FieldSpec,
-                          fitted: torch.Tensor, quantized: torch.Tensor, images: torch.Tensor) -> None:
-    """Weight histogram with the code positions, and image / fitted / quantized renders of a few fields."""
+                          fitted: torch.Tensor, quantized: torch.Tensor, images: torch.Tensor,
+                          value_label: str = "weight value") -> None:
+    """Weight histogram with the code positions, and image / fitted / quantized renders of a few fields.
+
+    `train_weights` are the values the codebook quantizes (the weights, or their offsets), named by `value_label`.
+    """
     n = min(len(images), 6)
     plt = pyplot()  # imported on first use: `fit` imports this module, and most commands draw nothing
     fig = plt.figure(figsize=(11, 4.2))
@@ -48,7 +52,7 @@ def save_tokenizer_figure(path: Path, train_weights: torch.Tensor, codebook: tor
     ax.hist(values, bins=200, color="0.6", log=True)
     ymax = ax.get_ylim()[1]
     ax.vlines(codebook.numpy(), ymin=ax.get_ylim()[0], ymax=ymax, color="C3", linewidth=0.4, alpha=0.8)
-    ax.set_xlabel("weight value")
+    ax.set_xlabel(value_label)
     ax.set_ylabel("count (log)")
     ax.set_title(f"training weights and the {len(codebook)} codes (red)", fontsize=9)
     rows = [("image", images[:n]), ("fitted", field.render(spec, fitted[:n], images.shape[-1])),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BASELINES = ("regression", "diffusion", "gaussian", "copy_noise")
+BASELINES = ("regression", "diffusion", "gaussian", "copy_noise", "marginals")
 
 
 def baseline_module(name: str) -> ModuleType:

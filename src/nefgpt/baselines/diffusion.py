@@ -30,8 +30,8 @@ from tqdm import tqdm
 from ..artifacts import save_checkpoint, save_json
 from ..config import DiffusionConfig, RunConfig
 from ..errors import ArtifactError, NefgptError, UsageError
-from ..train import (TrainInterrupted, append_log, autocast_dtype, batch_indices, deferred_sigint, resolve_device,
-                     truncate_log)
+from ..train import (TrainInterrupted, append_log, autocast_dtype, batch_indices, deferred_signals, resolve_device,
+                     stop_word, truncate_log)
 from .common import CKPT_FILE, LOG_FILE, SUMMARY_FILE, check_range, load_baseline_checkpoint, load_fields, \
     sample_classes, write_samples
 
@@ -259,7 +259,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
     done, stopped_by, train_loss, last_t, last_it = start, "max_iters", float("nan"), time.time(), start
     bar = tqdm(range(start, d.max_iters), initial=start, total=d.max_iters, desc="train diffusion",
                disable=not progress)
-    with deferred_sigint() as interrupted, bar:
+    with deferred_signals() as interrupted, bar:
         for it in bar:
             lr = lr_at(it, elapsed(), d)
             for group in optimizer.param_groups:
@@ -297,8 +297,8 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
             if interrupted or last or done % d.ckpt_interval == 0:
                 save(done)
             if interrupted:
-                raise TrainInterrupted(f"interrupted at iteration {done}; checkpoint saved to {ckpt_path} "
-                                       "(resume with --resume)")
+                raise TrainInterrupted(f"{stop_word(interrupted[0])} at iteration {done}; checkpoint saved to {ckpt_path} "
+                                       "(resume with --resume)", interrupted[0])
             if out_of_time:
                 stopped_by = "max_minutes"
                 break

@@ -215,10 +215,13 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
         })
 
     bar = tqdm(range(tc.max_iters), total=tc.max_iters, desc="train regression", disable=not progress)
+    done, stopped_by = 0, "max_iters"
     with bar:
         for it in bar:
+            elapsed = time.time() - t0
+            lr = gpt_train.lr_at(it, tc, elapsed)  # train.max_minutes budgets this loop too
             for group in optimizer.param_groups:
-                group["lr"] = gpt_train.lr_at(it, tc)
+                group["lr"] = lr
             idx = gpt_train.batch_indices(len(train_w), tc.batch_size, it, tc.seed)
             labels = _condition(train_y[idx], model, cfg, cond_gen).to(device)
             z = model.standardize(train_w[idx].to(device))
@@ -235,28 +238,35 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
             optimizer.step()
             train_loss = loss.item()
             done = it + 1
-            if done % tc.eval_interval == 0 or done == tc.max_iters:
+            out_of_time = tc.max_minutes > 0 and time.time() - t0 >= 60 * tc.max_minutes
+            final = done == tc.max_iters or out_of_time
+            if done % tc.eval_interval == 0 or final:
                 val_loss = _eval_loss(model, val_w, val_y, cfg, device, amp)
                 best_val = min(best_val, val_loss)
                 now = time.time()
                 steps = done - max(0, done - tc.eval_interval)
                 rate = tc.batch_size * spec.num_params * steps / max(now - last_t, 1e-9)
                 last_t = now
-                gpt_train.append_log(log_path, [done, f"{gpt_train.lr_at(it, tc):.6g}", f"{train_loss:.5f}",
+                gpt_train.append_log(log_path, [done, f"{lr:.6g}", f"{train_loss:.5f}",
                                                  f"{val_loss:.5f}", f"{rate:.0f}", f"{now - t0:.1f}"])
                 bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-            if done % tc.ckpt_interval == 0 and done < tc.max_iters:
+            if done % tc.ckpt_interval == 0 and not final:
                 save(done)
+            if out_of_time:
+                stopped_by = "max_minutes"
+                break
 
     n_resid = min(len(train_w), cfg.regression.residual_fields)
     model.resid_std.copy_(residual_std(model, train_w[:n_resid], train_y[:n_resid], cfg, device))
-    save(tc.max_iters)
+    save(done)
     final_train = _eval_loss(model, train_w[: len(val_w)], train_y[: len(val_w)], cfg, device, amp)
     final_val = _eval_loss(model, val_w, val_y, cfg, device, amp)
     summary = {
         "model": MODEL_TYPE,
         "loss": cfg.regression.loss,
-        "iterations": tc.max_iters,
+        "iterations": done,
+        "stopped_by": stopped_by,
+        "max_minutes": tc.max_minutes,
         "train_loss": final_train,
         "val_loss": final_val,
         "best_val_loss": min(best_val, final_val),
