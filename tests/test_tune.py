@@ -196,7 +196,7 @@ TOY = [
     "train.batch_size=8", "train.warmup_iters=2", "train.eval_interval=3", "train.ckpt_interval=3",
     "sample.n_per_class=2", "evaluate.classifier_epochs=1",
     "tune.temperatures=[0.5, 1.0]", "tune.top_ks=[0, 2]", "tune.top_ps=[1.0]", "tune.min_accuracy=0.0",
-    "tune.guidances=[1.0]", "train.p_uncond=0.0",
+    "tune.guidances=[1.0]", "tune.min_ps=[0.0]", "tune.max_minutes=0", "tune.objective=nna_gap", "train.p_uncond=0.0",
 ]
 
 
