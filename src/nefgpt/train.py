@@ -106,7 +106,6 @@ def deferred_signals() -> Iterator[list[int]]:
             signal.signal(s, restore[s])
 
 
-deferred_sigint = deferred_signals  # the former name, when only Ctrl-C was deferred
 
 
 def build_sequences(tokens: torch.Tensor, labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
