@@ -225,7 +225,8 @@ def test_samples_architecture_differs_from_the_fitted_fields(run):
 
 def test_fit_refuses_an_anchor_of_another_architecture(tiny_npz, tmp_path):
     from nefgpt.config import DataConfig, FitConfig
-    from nefgpt.fit import ANCHOR_FILE, run_fit
+    from nefgpt.fit import run_fit
+    from nefgpt.layout import ANCHOR_FILE
 
     run = tmp_path / "run"
     anchor = run / ANCHOR_FILE
@@ -568,14 +569,14 @@ def test_one_dimensional_weights_in_nefs(tmp_path):
 @pytest.mark.parametrize("writer", ["tensors", "checkpoint", "json", "npz", "png", "figure"])
 def test_every_writer_gives_the_plain_open_mode(tmp_path, monkeypatch, writer):
     """Under umask 027 every kind of artifact is 0640, like a file made by open(); none stays 0600."""
-    from nefgpt import figures, sample
+    from nefgpt import figures, samples_io
 
     path = tmp_path / f"artifact.{writer}"
     write = {
         "tensors": lambda: artifacts.save_tensors(path, {"w": torch.zeros(3)}),  # save_file recreates the file
         "checkpoint": lambda: artifacts.save_checkpoint(path, {"model": {}}),
         "json": lambda: artifacts.save_json(path, {}),
-        "npz": lambda: sample.save_images_npz(path, torch.zeros(2, 28, 28), torch.zeros(2, dtype=torch.long)),
+        "npz": lambda: samples_io.save_images_npz(path, torch.zeros(2, 28, 28), torch.zeros(2, dtype=torch.long)),
         "png": lambda: figures.save_sample_grid(path, torch.zeros(2, 28, 28), torch.zeros(2, dtype=torch.long)),
         "figure": lambda: figures.save_figure(path, figures.pyplot().figure(figsize=(1, 1))),  # matplotlib
     }[writer]

@@ -6,7 +6,6 @@ from torch import nn
 
 from nefgpt.artifacts import load_tensors, save_tensors
 from nefgpt.classifier import (
-    DEFAULT_CONFIG,
     MnistCNN,
     load_classifier,
     save_classifier,
@@ -49,7 +48,7 @@ def coded_images(classes: list[int]) -> torch.Tensor:
 def test_training_beats_chance_and_lowers_the_loss(mnist_split):
     train_x, train_y, val_x, val_y = mnist_split
     model, info = train_classifier(
-        train_x, train_y, val_x, val_y, epochs=2, batch_size=32, lr=DEFAULT_CONFIG.lr, seed=0, progress=False
+        train_x, train_y, val_x, val_y, epochs=2, batch_size=32, lr=3e-3, seed=0, progress=False
     )
     assert not model.training
     assert set(info) == {"val_accuracy", "val_cross_entropy", "epochs", "train_seconds"}

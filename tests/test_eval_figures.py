@@ -9,9 +9,6 @@ from PIL import Image
 
 from nefgpt import field
 from nefgpt.eval_figures import (
-    CONFUSION_FILE,
-    GENERATION_FILE,
-    NEAREST_FILE,
     first_per_class,
     generation_frames,
     nearest_figure,
@@ -19,6 +16,7 @@ from nefgpt.eval_figures import (
     write_eval_figures,
 )
 from nefgpt.figures import save_confusion_matrix
+from nefgpt.layout import CONFUSION_FILE, GENERATION_FILE, NEAREST_FILE
 
 SPEC = field.FieldSpec()
 

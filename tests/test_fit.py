@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nefgpt import field, fit
+from nefgpt import field, fit, layout
 from nefgpt.artifacts import load_tensors
 from nefgpt.config import DataConfig, FitConfig
 from nefgpt.errors import ArtifactError
 from nefgpt.field import FieldSpec
+from nefgpt.split import load_split_images
 
 SPEC = FieldSpec()
 
@@ -85,17 +86,17 @@ def data_cfg(npz: Path, **kw) -> DataConfig:
 def test_run_fit_writes_fields_and_a_stratified_split(tiny_npz, tmp_path):
     run = tmp_path / "run"
     meta = fit.run_fit(data_cfg(tiny_npz), fit_cfg(), run, progress=False)
-    tensors, stored = load_tensors(run / fit.NEFS_FILE)
+    tensors, stored = load_tensors(run / layout.NEFS_FILE)
     assert tensors["weights"].shape == (60, 561) and tensors["weights"].dtype == torch.float32
     assert tensors["psnr"].shape == (60,) and torch.isfinite(tensors["psnr"]).all()
     assert tensors["labels"].dtype == torch.int64
     assert stored["psnr_mean"] == pytest.approx(float(tensors["psnr"].mean()), rel=1e-5)
     assert stored["field"] == SPEC.to_meta() and stored["init"] == "shared"
     assert meta["psnr_mean"] == pytest.approx(stored["psnr_mean"])
-    assert torch.equal(tensors["anchor"], load_tensors(run / fit.ANCHOR_FILE)[0]["weights"][0])
-    assert not (run / fit.CHUNK_DIR).exists()  # chunks are cleaned up at the end
+    assert torch.equal(tensors["anchor"], load_tensors(run / layout.ANCHOR_FILE)[0]["weights"][0])
+    assert not (run / layout.CHUNK_DIR).exists()  # chunks are cleaned up at the end
 
-    split = json.loads((run / fit.SPLIT_FILE).read_text())
+    split = json.loads((run / layout.SPLIT_FILE).read_text())
     assert split["dataset"] == f"npz:{tiny_npz}" and split["num_classes"] == 10 and split["image_size"] == 28
     assert split["indices"] == list(range(60))
     train, held, tune = split["train"], split["heldout"], split["tune"]
@@ -108,7 +109,7 @@ def test_run_fit_writes_fields_and_a_stratified_split(tiny_npz, tmp_path):
     assert stored["init_distance_mean"] > 0 and stored["position_std_mean"] > 0
 
     # Fields are in split order: labels match the dataset's, and the psnr is that of the stored weights.
-    _, images, ds_labels = fit.load_split_images(run)
+    _, images, ds_labels = load_split_images(run)
     assert torch.equal(labels, ds_labels)
     torch.testing.assert_close(field.psnr(field.render(SPEC, tensors["weights"]), images), tensors["psnr"])
 
@@ -122,37 +123,37 @@ def test_subset_per_class_limits_the_fields(tiny_npz, tmp_path):
     run = tmp_path / "run"
     fit.run_fit(data_cfg(tiny_npz, subset_per_class=3, tune_per_class=0), fit_cfg(init="random", steps=1), run,
                 progress=False)
-    tensors, _ = load_tensors(run / fit.NEFS_FILE)
+    tensors, _ = load_tensors(run / layout.NEFS_FILE)
     assert torch.bincount(tensors["labels"], minlength=10).tolist() == [3] * 10
-    assert len(json.loads((run / fit.SPLIT_FILE).read_text())["heldout"]) == 20
+    assert len(json.loads((run / layout.SPLIT_FILE).read_text())["heldout"]) == 20
 
 
 def test_shared_init_starts_every_field_at_the_anchor(tiny_npz, tmp_path):
     run = tmp_path / "shared"
     fit.run_fit(data_cfg(tiny_npz), fit_cfg(steps=0, anchor_steps=100, anchor_lr=1e-2), run, progress=False)
-    tensors, _ = load_tensors(run / fit.NEFS_FILE)
+    tensors, _ = load_tensors(run / layout.NEFS_FILE)
     w = tensors["weights"]
     # With no per-field steps, every field is the anchor, which was fitted to the first training image.
     assert torch.equal(w, tensors["anchor"].expand_as(w))
-    split = json.loads((run / fit.SPLIT_FILE).read_text())
+    split = json.loads((run / layout.SPLIT_FILE).read_text())
     first = split["train"][0]
     assert tensors["psnr"][first] > tensors["psnr"].median() + 3
-    _, anchor_meta = load_tensors(run / fit.ANCHOR_FILE)
+    _, anchor_meta = load_tensors(run / layout.ANCHOR_FILE)
     assert anchor_meta["image"] == first
 
 
 def test_random_init_gives_distinct_fields_and_no_anchor(tiny_npz, tmp_path):
     run = tmp_path / "random"
     fit.run_fit(data_cfg(tiny_npz), fit_cfg(init="random", steps=0), run, progress=False)
-    tensors, meta = load_tensors(run / fit.NEFS_FILE)
+    tensors, meta = load_tensors(run / layout.NEFS_FILE)
     assert meta["init"] == "random" and "anchor" not in tensors
-    assert not (run / fit.ANCHOR_FILE).exists()
+    assert not (run / layout.ANCHOR_FILE).exists()
     w = tensors["weights"]
     assert len(torch.unique(w[:, 0])) == len(w)  # every field drew its own init
 
     run2 = tmp_path / "random_fitted"
     fit.run_fit(data_cfg(tiny_npz), fit_cfg(init="random", steps=30), run2, progress=False)
-    fitted, _ = load_tensors(run2 / fit.NEFS_FILE)
+    fitted, _ = load_tensors(run2 / layout.NEFS_FILE)
     assert float(fitted["psnr"].mean()) > float(tensors["psnr"].mean()) + 3
 
 
@@ -160,8 +161,8 @@ def test_shared_init_fits_better_at_equal_steps(tiny_npz, tmp_path):
     shared, random = tmp_path / "s", tmp_path / "r"
     fit.run_fit(data_cfg(tiny_npz), fit_cfg(steps=20, anchor_steps=100, anchor_lr=1e-2), shared, progress=False)
     fit.run_fit(data_cfg(tiny_npz), fit_cfg(steps=20, init="random"), random, progress=False)
-    ps = load_tensors(shared / fit.NEFS_FILE)[0]["psnr"]
-    pr = load_tensors(random / fit.NEFS_FILE)[0]["psnr"]
+    ps = load_tensors(shared / layout.NEFS_FILE)[0]["psnr"]
+    pr = load_tensors(random / layout.NEFS_FILE)[0]["psnr"]
     assert torch.isfinite(ps).all() and torch.isfinite(pr).all()
     # Weight conditioning: starting from a fitted anchor beats a random start at the same budget.
     assert float(ps.mean()) > float(pr.mean()) + 1
@@ -191,8 +192,8 @@ def test_resume_after_a_crash_gives_identical_bytes(tiny_npz, tmp_path, monkeypa
     monkeypatch.setattr(fit, "fit_batch", crashing)
     with pytest.raises(Crash):
         fit.run_fit(data_cfg(tiny_npz), cfg, part, progress=False)
-    assert not (part / fit.NEFS_FILE).exists()
-    assert sorted(p.name for p in (part / fit.CHUNK_DIR).iterdir()) == ["chunk_0000000.safetensors"]
+    assert not (part / layout.NEFS_FILE).exists()
+    assert sorted(p.name for p in (part / layout.CHUNK_DIR).iterdir()) == ["chunk_0000000.safetensors"]
 
     calls.clear()
 
@@ -204,8 +205,8 @@ def test_resume_after_a_crash_gives_identical_bytes(tiny_npz, tmp_path, monkeypa
     fit.run_fit(data_cfg(tiny_npz), cfg, part, progress=False)
     assert calls == [20, 20]  # neither the anchor nor the finished chunk is fitted again
 
-    a, _ = load_tensors(whole / fit.NEFS_FILE)
-    b, _ = load_tensors(part / fit.NEFS_FILE)
+    a, _ = load_tensors(whole / layout.NEFS_FILE)
+    b, _ = load_tensors(part / layout.NEFS_FILE)
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
@@ -216,16 +217,16 @@ def test_fit_resumes_from_a_kept_chunk_file(tiny_npz, tmp_path):
     cfg = fit_cfg(init="random", chunk_size=30)
     first = tmp_path / "first"
     fit.run_fit(data_cfg(tiny_npz), cfg, first, progress=False)
-    weights = load_tensors(first / fit.NEFS_FILE)[0]["weights"]
+    weights = load_tensors(first / layout.NEFS_FILE)[0]["weights"]
 
     second = tmp_path / "second"
     second.mkdir()
-    shutil.copy(first / fit.SPLIT_FILE, second / fit.SPLIT_FILE)
+    shutil.copy(first / layout.SPLIT_FILE, second / layout.SPLIT_FILE)
     marker = torch.full((30, 561), 0.25)  # not what fitting would give, so we can tell it was reused
     from nefgpt.artifacts import save_tensors
 
-    save_tensors(second / fit.CHUNK_DIR / "chunk_0000000.safetensors", {"weights": marker}, {"field": SPEC.to_meta()})
+    save_tensors(second / layout.CHUNK_DIR / "chunk_0000000.safetensors", {"weights": marker}, {"field": SPEC.to_meta()})
     fit.run_fit(data_cfg(tiny_npz), cfg, second, progress=False)
-    got = load_tensors(second / fit.NEFS_FILE)[0]["weights"]
+    got = load_tensors(second / layout.NEFS_FILE)[0]["weights"]
     assert torch.equal(got[:30], marker)
     assert torch.equal(got[30:], weights[30:])

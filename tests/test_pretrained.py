@@ -7,11 +7,11 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import torch
 
-from nefgpt import pretrained
+from nefgpt import field, pretrained
 from nefgpt.artifacts import load_json
 from nefgpt.classifier import load_classifier, score_images
 from nefgpt.cli import main
-from nefgpt.evaluate import load_generated
+from nefgpt.samples_io import load_generated_fields
 
 
 def test_shipped_mnist_model_is_small_and_complete():
@@ -30,7 +30,8 @@ def test_shipped_mnist_samples_are_classified_near_the_recorded_accuracy(tmp_pat
     with redirect_stdout(io.StringIO()), redirect_stderr(err):
         rc = main(["sample", "--pretrained", "mnist", "-n", "5", "--out", str(out), "--quiet"])
     assert rc == 0, err.getvalue()
-    images, labels = load_generated(out)
+    samples, meta = load_generated_fields(out)
+    images, labels = field.render(meta["spec"], samples["weights"], 28), samples["labels"]
     assert labels.tolist() == [c for c in range(10) for _ in range(5)]
     clf, _ = load_classifier(pretrained.model_dir("mnist") / "classifier.safetensors")
     accuracy = score_images(clf, images, labels)["accuracy"]

@@ -16,8 +16,9 @@ from nefgpt.artifacts import load_tensors
 from nefgpt.config import RunConfig, SampleConfig, apply_overrides
 from nefgpt.errors import UsageError
 from nefgpt.model import GPT, GPTConfig
-from nefgpt.sample import (SAMPLES_FILE, check_guidance, check_sampling, condition_tokens, filter_logits, generate,
-                           run_sample)
+from nefgpt.generate import check_guidance, check_sampling, condition_tokens, filter_logits, generate
+from nefgpt.layout import SAMPLES_FILE
+from nefgpt.sample import run_sample
 from nefgpt.tokenizer import Vocab
 
 FAST = settings(max_examples=80, deadline=None)

@@ -11,11 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nefgpt import fit, tokenizer
+from nefgpt import fit, layout, tokenizer
 from nefgpt.artifacts import load_tensors, save_tensors
 from nefgpt.config import DataConfig, FitConfig, TokenizerConfig
 from nefgpt.errors import ArtifactError
 from nefgpt.field import FieldSpec
+from nefgpt.split import load_split_images
 from nefgpt.tokenizer import Vocab, assign, learn_codebook
 
 
@@ -147,7 +148,7 @@ def test_tokenizer_id_is_a_stable_content_hash():
 def test_save_load_round_trip(tmp_path):
     codebook = torch.linspace(-1, 1, 245)
     vocab, spec = Vocab(245, 10), FieldSpec(octaves=3, hidden=(8,))
-    path = tmp_path / tokenizer.TOKENIZER_FILE
+    path = tmp_path / layout.TOKENIZER_FILE
     tokenizer.save_tokenizer(path, codebook, vocab, spec)
     tok = tokenizer.load_tokenizer(path)
     cb, v, s, tid = tok.codebook, tok.vocab, tok.spec, tok.id
@@ -159,7 +160,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_corrupt_or_invalid_tokenizer_raises_artifact_error(tmp_path):
-    path = tmp_path / tokenizer.TOKENIZER_FILE
+    path = tmp_path / layout.TOKENIZER_FILE
     with pytest.raises(ArtifactError, match="tokenizer.safetensors"):
         tokenizer.load_tokenizer(path)  # missing
     path.write_bytes(b"\x00garbage" * 50)
@@ -191,8 +192,8 @@ def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
     run = tmp_path / "run"
     fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
                 FitConfig(steps=5, anchor_steps=10, init="random"), run, progress=False)
-    report = tokenizer.run_tokenize(TokenizerConfig(num_codes=32, max_iters=20), run, num_classes=10)
-    tok = tokenizer.load_tokenizer(run / tokenizer.TOKENIZER_FILE)
+    report = tokenizer.run_tokenize(TokenizerConfig(num_codes=32, max_iters=20), run)
+    tok = tokenizer.load_tokenizer(run / layout.TOKENIZER_FILE)
     codebook, vocab, spec, tid = tok.codebook, tok.vocab, tok.spec, tok.id
     assert vocab == Vocab(32, 10) and spec == FieldSpec()
     assert tok.offsets == "none" and report["offsets"] == "none"
@@ -200,7 +201,7 @@ def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
     assert report["class_tokens"] == [33, 42]
     assert report["psnr_quantized_mean"] <= report["psnr_fitted_mean"] + 1e-3
 
-    raw, meta = load_tensors(run / tokenizer.TOKENS_FILE)
+    raw, meta = load_tensors(run / layout.TOKENS_FILE)
     assert raw["tokens"].dtype == torch.int16 and raw["tokens"].shape == (60, 561)
     tokens, labels = tokenizer.load_tokens(run, tid)
     nefs, _ = fit.load_nefs(run)
@@ -211,7 +212,7 @@ def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
         tokenizer.load_tokens(run, "0" * 16)
 
     # The codebook is learned on the training fields only.
-    split = json.loads((run / fit.SPLIT_FILE).read_text())
+    split = json.loads((run / layout.SPLIT_FILE).read_text())
     train_weights = nefs["weights"][torch.tensor(split["train"])]
     expected, _ = learn_codebook(train_weights, TokenizerConfig(num_codes=32, max_iters=20))
     assert torch.equal(codebook, expected)
@@ -333,7 +334,7 @@ def test_offsets_change_the_id_and_round_trip_through_the_file(tmp_path):
 
 
 def test_old_tokenizer_files_load_as_none(tmp_path):
-    path = tmp_path / tokenizer.TOKENIZER_FILE
+    path = tmp_path / layout.TOKENIZER_FILE
     codebook = torch.linspace(-1, 1, 245)
     # The metadata written before offsets existed.
     save_tensors(path, {"codebook": codebook}, {"num_codes": 245, "num_classes": 10, "vocab_size": 256,
@@ -347,13 +348,13 @@ def test_old_tokenizer_files_load_as_none(tmp_path):
     # The shipped model's tokenizer still matches the id its checkpoint was trained with.
     from importlib import resources
     shipped = resources.files("nefgpt") / "pretrained_models" / "mnist"
-    tok = tokenizer.load_tokenizer(shipped / tokenizer.TOKENIZER_FILE)
+    tok = tokenizer.load_tokenizer(shipped / layout.TOKENIZER_FILE)
     ckpt = torch.load(shipped / "ckpt.pt", map_location="cpu", weights_only=True)
     assert tok.offsets == "none" and tok.id == ckpt["tokenizer_id"]
 
 
 def test_inconsistent_offset_files_raise_artifact_error(tmp_path):
-    path = tmp_path / tokenizer.TOKENIZER_FILE
+    path = tmp_path / layout.TOKENIZER_FILE
     codebook = torch.linspace(-1, 1, 4)
     base = {"num_codes": 4, "num_classes": 10, "field": FieldSpec().to_meta()}
     ref, scale = torch.zeros(561), torch.ones(561)
@@ -391,7 +392,7 @@ def test_offsets_need_a_shared_anchor(tiny_npz, tmp_path):
     fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
                 FitConfig(steps=2, init="random"), run, progress=False)
     with pytest.raises(UsageError, match="tokenize.offsets = position"):
-        tokenizer.run_tokenize(TokenizerConfig(num_codes=16, max_iters=5, offsets="position"), run, num_classes=10)
+        tokenizer.run_tokenize(TokenizerConfig(num_codes=16, max_iters=5, offsets="position"), run)
 
 
 def test_run_tokenize_with_offsets_reports_weight_space_error(tiny_npz, tmp_path):
@@ -399,12 +400,12 @@ def test_run_tokenize_with_offsets_reports_weight_space_error(tiny_npz, tmp_path
     fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
                 FitConfig(steps=5, anchor_steps=10), run, progress=False)
     nefs, _ = fit.load_nefs(run)
-    split = json.loads((run / fit.SPLIT_FILE).read_text())
+    split = json.loads((run / layout.SPLIT_FILE).read_text())
     train, held = torch.tensor(split["train"]), torch.tensor(split["heldout"])
     reports = {}
     for mode in ("none", "layer"):
-        report = tokenizer.run_tokenize(TokenizerConfig(num_codes=32, max_iters=20, offsets=mode), run, 10)
-        tok = tokenizer.load_tokenizer(run / tokenizer.TOKENIZER_FILE)
+        report = tokenizer.run_tokenize(TokenizerConfig(num_codes=32, max_iters=20, offsets=mode), run)
+        tok = tokenizer.load_tokenizer(run / layout.TOKENIZER_FILE)
         assert tok.offsets == report["offsets"] == mode and tok.id == report["tokenizer_id"]
         tokens, _ = tokenizer.load_tokens(run, tok.id)
         assert torch.equal(tokens, tok.encode(nefs["weights"]))
@@ -414,7 +415,7 @@ def test_run_tokenize_with_offsets_reports_weight_space_error(tiny_npz, tmp_path
         assert report["weight_mse_heldout"] == pytest.approx(float(sq[held].mean()), rel=1e-6)
         # The quantized PSNR is that of the decoded weights.
         from nefgpt import field
-        images = fit.load_split_images(run)[1]
+        images = load_split_images(run)[1]
         psnr = field.psnr(field.render(tok.spec, decoded, 28), images)
         assert report["psnr_quantized_mean"] == pytest.approx(float(psnr.mean()), abs=1e-4)
         reports[mode] = report
@@ -434,9 +435,9 @@ def test_cli_fit_tokenize_train_sample_with_position_offsets(tiny_npz, tmp_path)
     args = [a for s in sets for a in ("--set", s)]
     for stage in ("fit", "tokenize", "train", "sample"):
         assert main([stage, "--out", str(run), "--quiet", *args]) == 0, stage
-    tok = tokenizer.load_tokenizer(run / tokenizer.TOKENIZER_FILE)
+    tok = tokenizer.load_tokenizer(run / layout.TOKENIZER_FILE)
     assert tok.offsets == "position"
-    assert json.loads((run / tokenizer.REPORT_FILE).read_text())["offsets"] == "position"
+    assert json.loads((run / layout.TOKENIZER_REPORT_FILE).read_text())["offsets"] == "position"
     samples, meta = load_tensors(run / "samples.safetensors")
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert meta["tokenizer_id"] == ckpt["tokenizer_id"] == tok.id

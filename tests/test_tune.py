@@ -17,11 +17,9 @@ from nefgpt.cli import main
 from nefgpt.config import TuneConfig
 from nefgpt.errors import ArtifactError, UsageError
 from nefgpt.figures import _tune_axes, save_tune_heatmap
+from nefgpt.layout import TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
 from nefgpt.tune import (
-    HEATMAP_FILE,
     OBJECTIVES,
-    TABLE_FILE,
-    TUNE_FILE,
     candidate_settings,
     choose_best,
     format_table,
@@ -253,8 +251,8 @@ def test_tune_writes_every_setting_and_the_best(tuned):
     best = result["best"]
     assert best["qualified"] is True and best["objective"] == min(r["objective"] for r in rows)
     assert (tuned / "classifier.safetensors").is_file()  # trained here, for evaluate to reuse
-    assert (tuned / HEATMAP_FILE).read_bytes()[:8] == PNG
-    table = (tuned / TABLE_FILE).read_text().splitlines()
+    assert (tuned / TUNE_HEATMAP_FILE).read_bytes()[:8] == PNG
+    table = (tuned / TUNE_TABLE_FILE).read_text().splitlines()
     assert len(table) == 2 + len(rows) and sum("**" in line for line in table) == 1
 
 
@@ -379,8 +377,8 @@ def test_max_minutes_stops_after_the_settings_tried_in_time(run_copy):
     planned = TuneConfig(temperatures=[0.5, 1.0], top_ks=[0, 2], top_ps=[1.0], search="random")
     first = candidate_settings(planned, 245)[0]
     assert {k: result["best"][k] for k in first} == first
-    table = (run_copy / TABLE_FILE).read_text().splitlines()
-    assert len(table) == 3 and (run_copy / HEATMAP_FILE).read_bytes()[:8] == PNG
+    table = (run_copy / TUNE_TABLE_FILE).read_text().splitlines()
+    assert len(table) == 3 and (run_copy / TUNE_HEATMAP_FILE).read_bytes()[:8] == PNG
 
 
 def test_balanced_objective_adds_the_diversity_gap(run_copy):

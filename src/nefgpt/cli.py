@@ -21,42 +21,90 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from safetensors import safe_open
+
 from . import config as config_mod
-from .artifacts import load_json, save_json
+from . import data, distributed, evaluate, fit, sample, tokenizer, train, tune
+from .artifacts import load_json, load_tensors, save_json
+from .baselines import baseline_module
+from .compare import compare_runs
 from .config import RunConfig
 from .errors import ArtifactError, NefgptError, Terminated, UsageError
+from .figures import render_artifact, save_loss_curve
+from .layout import (ANCHOR_FILE, CHUNK_DIR, CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, IMAGES_FILE, LOG_FILE,
+                     LOSS_FIGURE_FILE, METRICS_FILE, NEFS_FILE, SAMPLES_FILE, SPLIT_FILE, STAGES_FILE, SUMMARY_FILE,
+                     TOKENIZER_FILE, TOKENIZER_REPORT_FILE, TOKENS_FILE, TUNE_FILE)
 from .lock import run_lock
+from .pretrained import install
+from .report import write_report
 
-CONFIG_FILE = "config.json"
-
-
-def _stage_files() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
-    """stage -> (inputs, outputs) in the run directory."""
-    from .evaluate import METRICS_FILE
-    from .fit import NEFS_FILE
-    from .sample import IMAGES_FILE, SAMPLES_FILE
-    from .tokenizer import TOKENIZER_FILE, TOKENS_FILE
-    from .train import CKPT_FILE, SUMMARY_FILE
-    from .tune import TUNE_FILE
-
-    return {
-        "fit": ((), (NEFS_FILE,)),
-        "tokenize": ((NEFS_FILE,), (TOKENIZER_FILE, TOKENS_FILE)),
-        "train": ((TOKENS_FILE,), (CKPT_FILE, SUMMARY_FILE)),
-        "tune": ((CKPT_FILE,), (TUNE_FILE,)),
-        "sample": ((CKPT_FILE,), (SAMPLES_FILE, IMAGES_FILE)),
-        "evaluate": ((SAMPLES_FILE,), (METRICS_FILE,)),
-    }
+# Stage runners: (cfg, run_dir, args, restart) -> the stage's summary. They call through the stage's module, so
+# a test may replace a stage function there. `restart` is true when the stage redoes work made with other settings.
+Runner = Callable[[RunConfig, Path, argparse.Namespace, bool], dict]
 
 
-STAGES = ("fit", "tokenize", "train", "tune", "sample", "evaluate")
+def _fit(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, restart: bool) -> dict:
+    return fit.run_fit(cfg.data, cfg.fit, run_dir, not args.quiet)
 
 
-# The config sections each stage depends on directly; upstream changes reach it through file times.
-STAGE_SECTIONS = {"fit": ("data", "fit"), "tokenize": ("tokenize",),
-                  "train": ("train", "diffusion", "regression", "baseline"), "tune": ("tune",),
-                  "sample": ("sample",), "evaluate": ("evaluate",)}
-STAGES_FILE = "stages.json"
+def _tokenize(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, restart: bool) -> dict:
+    return tokenizer.run_tokenize(cfg.tokenize, run_dir)
+
+
+def _train(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, restart: bool) -> dict:
+    if cfg.train.model != "gpt":
+        return baseline_module(cfg.train.model).train(cfg, run_dir, not args.quiet, resume=args.resume)
+    summary = train.run_train(cfg.train, run_dir, resume=args.resume, progress=not args.quiet, restart=restart)
+    save_loss_curve(run_dir / LOSS_FIGURE_FILE, run_dir / LOG_FILE)
+    return summary
+
+
+def _tune(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, restart: bool) -> dict:
+    return tune.run_tune(cfg, run_dir, not args.quiet)
+
+
+def _sample(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, restart: bool) -> dict:
+    labels = getattr(args, "label", None)
+    if cfg.train.model != "gpt":
+        return baseline_module(cfg.train.model).sample(cfg, run_dir, not args.quiet, labels)
+    return sample.run_sample(cfg.sample, run_dir, not args.quiet, labels=labels)
+
+
+def _evaluate(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, restart: bool) -> dict:
+    return evaluate.run_evaluate(cfg.evaluate, run_dir, not args.quiet)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a run: what it depends on, what it writes, how it runs."""
+
+    name: str
+    # The config sections it depends on directly; upstream changes reach it through file times.
+    sections: tuple[str, ...]
+    inputs: tuple[str, ...]  # in the run directory, made by earlier stages
+    outputs: tuple[str, ...]  # their presence (and times) mark the stage as done
+    run: Runner
+    help: str
+    # Removed before the stage is redone: derived from what it replaces, they would otherwise outlive it.
+    # Other stages replace their outputs atomically once their inputs have loaded.
+    stale_on_redo: tuple[str, ...] = ()
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("fit", ("data", "fit"), (), (NEFS_FILE,), _fit, "load data, split it, fit one field per image",
+          # The split goes too (a redo may split anew), and the classifier, trained on the split's images.
+          stale_on_redo=(NEFS_FILE, SPLIT_FILE, ANCHOR_FILE, CHUNK_DIR, CLASSIFIER_FILE)),
+    Stage("tokenize", ("tokenize",), (NEFS_FILE,), (TOKENIZER_FILE, TOKENS_FILE), _tokenize,
+          "learn the codebook, tokenize fields"),
+    Stage("train", ("train", "diffusion", "regression", "baseline"), (TOKENS_FILE,), (CKPT_FILE, SUMMARY_FILE),
+          _train, "train the GPT (or a baseline: --set train.model=...)"),
+    Stage("tune", ("tune",), (CKPT_FILE,), (TUNE_FILE,), _tune, "search sampling settings against the tuning split"),
+    Stage("sample", ("sample",), (CKPT_FILE,), (SAMPLES_FILE, IMAGES_FILE), _sample, "sample fields per class"),
+    Stage("evaluate", ("evaluate",), (SAMPLES_FILE,), (METRICS_FILE,), _evaluate, "score samples",
+          stale_on_redo=(CLASSIFIER_FILE,)),  # trained with the evaluate settings
+)
+STAGE = {s.name: s for s in STAGES}
+RUN_HELP = "all stages in order, then the HTML report"
 
 
 # Settings read only when sampling, though they live in a model's section.
@@ -64,7 +112,7 @@ SAMPLING_ONLY = {("regression", "noise"), ("diffusion", "sample_steps"), ("diffu
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:
-    sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in STAGE_SECTIONS[stage]}
+    sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in STAGE[stage].sections}
     for section, key in SAMPLING_ONLY:
         if stage == "sample":
             sections[f"{section}.{key}"] = getattr(getattr(cfg, section), key)
@@ -81,7 +129,7 @@ def _stage_record(run_dir: Path) -> dict:
 
 def is_fresh(run_dir: Path, stage: str, cfg: RunConfig) -> bool:
     """Outputs exist, are newer than the inputs, and were made with the current settings."""
-    inputs, outputs = _stage_files()[stage]
+    inputs, outputs = STAGE[stage].inputs, STAGE[stage].outputs
     outs = [run_dir / o for o in outputs]
     if not all(o.exists() for o in outs) or not all((run_dir / i).exists() for i in inputs):
         return False
@@ -105,12 +153,10 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     # A sampling value given by hand wins over the tuned one for that key only (sampling_config fills in the
     # others). The keys given earlier stay (config.json keeps them) unless this command sets sample.explicit
     # itself, or sets sample.use_tuned, which starts afresh from the tuned setting.
-    from .tune import SAMPLING_KEYS
-
     given = {o.split("=", 1)[0].strip() for o in overrides}
     kept = (cfg.sample.explicit if "sample.explicit" in given
             else [] if "sample.use_tuned" in given else saved_explicit)
-    cfg.sample.explicit = [k for k in SAMPLING_KEYS if k in kept or f"sample.{k}" in given]
+    cfg.sample.explicit = [k for k in tune.SAMPLING_KEYS if k in kept or f"sample.{k}" in given]
     return cfg
 
 
@@ -119,12 +165,10 @@ def sampling_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
 
     Keys in ``sample.explicit`` (given by hand) keep their value; the tuned setting fills in the others.
     """
-    from .tune import TUNE_FILE, load_best_setting
-
     if cfg.train.model != "gpt" or not cfg.sample.use_tuned or not (run_dir / TUNE_FILE).exists():
         return cfg
     cfg = copy.deepcopy(cfg)
-    for key, value in load_best_setting(run_dir).items():
+    for key, value in tune.load_best_setting(run_dir).items():
         if key not in cfg.sample.explicit:
             setattr(cfg.sample, key, value)
     return cfg
@@ -134,48 +178,6 @@ def _sample_overrides(args: argparse.Namespace) -> dict:
     names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "n": "n_per_class",
              "seed": "seed"}
     return {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src, None) is not None}
-
-
-def stage_runner(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace,
-                 restart: bool = False) -> Callable[[], dict]:
-    progress = not args.quiet
-    model = cfg.train.model
-    if model != "gpt" and name in ("train", "sample"):
-        from .baselines import baseline_module
-
-        mod = baseline_module(model)
-        if name == "train":
-            return lambda: mod.train(cfg, run_dir, progress, resume=args.resume)
-        return lambda: mod.sample(cfg, run_dir, progress, getattr(args, "label", None))
-    if name == "tune":
-        from .tune import run_tune
-
-        return lambda: run_tune(cfg, run_dir, progress)
-    if name == "fit":
-        from .fit import run_fit
-
-        return lambda: run_fit(cfg.data, cfg.fit, run_dir, progress)
-    if name == "tokenize":
-        from .tokenizer import run_tokenize
-
-        return lambda: run_tokenize(cfg.tokenize, run_dir, num_classes=10)
-    if name == "train":
-        from .figures import save_loss_curve
-        from .train import LOG_FILE, run_train
-
-        def train() -> dict:
-            summary = run_train(cfg.train, run_dir, resume=args.resume, progress=progress, restart=restart)
-            save_loss_curve(run_dir / "loss.png", run_dir / LOG_FILE)
-            return summary
-
-        return train
-    if name == "sample":
-        from .sample import run_sample
-
-        return lambda: run_sample(cfg.sample, run_dir, progress, labels=getattr(args, "label", None))
-    from .evaluate import run_evaluate
-
-    return lambda: run_evaluate(cfg.evaluate, run_dir, progress)
 
 
 def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace) -> None:
@@ -194,15 +196,11 @@ def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace
         check_labels(labels, run_dir)
     recorded = _stage_record(run_dir).get(name)
     redo = force or recorded not in (None, stage_fingerprint(cfg, name))  # made with other settings
-    if redo and name == "fit":
-        _clear_fit(run_dir)
-    if redo and name in ("fit", "evaluate"):
-        from .evaluate import CLASSIFIER_FILE
-
-        (run_dir / CLASSIFIER_FILE).unlink(missing_ok=True)  # trained on this split with these settings  # other stages replace their outputs atomically once their inputs have loaded
+    if redo:
+        _remove(run_dir, STAGE[name].stale_on_redo)
     t0 = time.time()
     print(f"[{name}] running", file=sys.stderr)
-    result = stage_runner(name, cfg, run_dir, args, restart=redo)()
+    result = STAGE[name].run(cfg, run_dir, args, redo)
     record = _stage_record(run_dir)
     # Samples of chosen labels only are not what a later `run` expects: record them as different.
     record[name] = stage_fingerprint(cfg, name) + (f"+labels{sorted(labels)}" if labels else "")
@@ -211,38 +209,35 @@ def run_stage(name: str, cfg: RunConfig, run_dir: Path, args: argparse.Namespace
 
 
 def check_inputs(name: str, run_dir: Path) -> None:
-    for i in _stage_files()[name][0]:
+    for i in STAGE[name].inputs:
         if not (run_dir / i).exists():
             raise ArtifactError(f"{run_dir / i}: file not found; run `nefgpt {_maker(i)} --out {run_dir}` first")
 
 
 def check_architecture(cfg: RunConfig, run_dir: Path) -> None:
     """Fields fitted earlier must have the configured architecture (a `run` fits them itself)."""
-    from .fit import NEFS_FILE, load_nefs, spec_from_config
-
     if (run_dir / NEFS_FILE).exists():
-        load_nefs(run_dir, spec_from_config(cfg.fit))
+        fit.load_nefs(run_dir, fit.spec_from_config(cfg.fit))
 
 
 def check_labels(labels: list[int], run_dir: Path) -> None:
-    from .tokenizer import TOKENIZER_FILE, load_tokenizer
-
-    num_classes = load_tokenizer(run_dir / TOKENIZER_FILE).vocab.num_classes
+    num_classes = tokenizer.load_tokenizer(run_dir / TOKENIZER_FILE).vocab.num_classes
     for c in labels:
         if not 0 <= c < num_classes:
             raise UsageError(f"--label {c}: not a class of this run (0..{num_classes - 1})")
 
 
 def _maker(filename: str) -> str:
-    return next(s for s, (_, outs) in _stage_files().items() if filename in outs)
+    return next(s.name for s in STAGES if filename in s.outputs)
 
 
-def _clear_fit(run_dir: Path) -> None:
-    from .fit import ANCHOR_FILE, CHUNK_DIR, NEFS_FILE, SPLIT_FILE
-
-    for f in (NEFS_FILE, SPLIT_FILE, ANCHOR_FILE):
-        (run_dir / f).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / CHUNK_DIR, ignore_errors=True)
+def _remove(run_dir: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def check_out(run_dir: Path) -> None:
@@ -265,10 +260,7 @@ def check_out(run_dir: Path) -> None:
 
 def check_sampling_budget(cfg: RunConfig, run_dir: Path, labels: list[int] | None, force: bool) -> None:
     """Refuse an absurd sample.n_per_class before any work; warn on stderr when sampling would run long."""
-    from .fit import SPLIT_FILE, spec_from_config
-    from .sample import SAMPLES_FILE, check_sampling_size
-
-    classes = 10
+    classes = data.NUM_CLASSES  # until `fit` has split the data: the built-in datasets' count
     try:
         if (run_dir / SPLIT_FILE).exists():
             classes = int(load_json(run_dir / SPLIT_FILE)["num_classes"])
@@ -277,14 +269,12 @@ def check_sampling_budget(cfg: RunConfig, run_dir: Path, labels: list[int] | Non
     seconds, measured = None, False
     try:
         if (run_dir / SAMPLES_FILE).exists():
-            from safetensors import safe_open
-
             with safe_open(str(run_dir / SAMPLES_FILE), framework="pt") as f:
                 seconds, measured = float(json.loads((f.metadata() or {})["seconds_per_field"])), True
     except Exception:  # no usable measurement: the estimate uses a rough figure
         seconds, measured = None, False
-    warning = check_sampling_size(cfg.sample.n_per_class, len(labels) if labels else classes,
-                                  spec_from_config(cfg.fit).num_params, seconds, measured)
+    warning = sample.check_sampling_size(cfg.sample.n_per_class, len(labels) if labels else classes,
+                                         fit.spec_from_config(cfg.fit).num_params, seconds, measured)
     if not warning:
         return
     try:  # no warning for a sampling that will be skipped as up to date
@@ -318,8 +308,6 @@ def remove_stale_temps(run_dir: Path) -> None:
 
     Safe only under the run lock: no other process can be writing one now.
     """
-    from .fit import CHUNK_DIR
-
     for d in (run_dir, run_dir / CHUNK_DIR):
         for p in d.glob(".*.tmp"):
             p.unlink(missing_ok=True)
@@ -333,17 +321,17 @@ def _brief(result: dict) -> str:
 
 def summary_table(run_dir: Path) -> str:
     """The headline numbers of a run as a Markdown table (rows whose artifacts are missing are left out)."""
-    fit = _read_meta(run_dir / "nefs.safetensors")
-    tok = _maybe_json(run_dir / "tokenizer.json")
-    train = _maybe_json(run_dir / "train.json")
-    m = load_json(run_dir / "metrics.json")
-    rows = [("fitting PSNR (dB, mean)", f"{fit['psnr_mean']:.2f}")]
+    fitted = load_tensors(run_dir / NEFS_FILE)[1]
+    tok = _maybe_json(run_dir / TOKENIZER_REPORT_FILE)
+    trained = _maybe_json(run_dir / SUMMARY_FILE)
+    m = load_json(run_dir / METRICS_FILE)
+    rows = [("fitting PSNR (dB, mean)", f"{fitted['psnr_mean']:.2f}")]
     if "psnr_quantized_mean" in tok:
         rows.append(("quantized PSNR (dB, mean)", f"{tok['psnr_quantized_mean']:.2f}"))
-    if "train_loss" in train and "val_loss" in train:
+    if "train_loss" in trained and "val_loss" in trained:
         # Baselines say what their loss is; the GPT's is the cross-entropy per weight token.
-        what = train.get("loss", "cross-entropy (nats)")
-        rows.append((f"train / val loss: {what}", f"{train['train_loss']:.3f} / {train['val_loss']:.3f}"))
+        what = trained.get("loss", "cross-entropy (nats)")
+        rows.append((f"train / val loss: {what}", f"{trained['train_loss']:.3f} / {trained['val_loss']:.3f}"))
     rows += [
         ("classifier accuracy of samples", f"{m['accuracy']:.1%}"),
         ("classifier cross-entropy of samples", f"{m['cross_entropy']:.3f}"),
@@ -367,12 +355,6 @@ def _maybe_json(path: Path) -> dict:
     return load_json(path) if path.exists() else {}
 
 
-def _read_meta(path: Path) -> dict:
-    from .artifacts import load_tensors
-
-    return load_tensors(path)[1]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nefgpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -384,11 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--resume", action="store_true", help="train: continue from the last checkpoint")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    helps = {"fit": "load data, split it, fit one field per image", "tokenize": "learn the codebook, tokenize fields",
-             "train": "train the GPT (or a baseline: --set train.model=...)",
-             "tune": "search sampling settings against the tuning split",
-             "sample": "sample fields per class", "evaluate": "score samples",
-             "run": "all stages in order, then the HTML report"}
     render = sub.add_parser("render", help="render fields of any field artifact at any resolution",
                             description="Render the fields of a field artifact (nefs, samples or anchor "
                                         ".safetensors) at any resolution, as a PNG grid.")
@@ -398,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--stride", type=int, default=1, help="take every k-th field (default 1)")
     render.add_argument("--png", type=Path, required=True, help="output PNG")
     render.add_argument("--debug", action="store_true", help="show tracebacks")
-    for name, text in helps.items():
+    for name, text in [(s.name, s.help) for s in STAGES] + [("run", RUN_HELP)]:
         p = sub.add_parser(name, parents=[common], help=text, description=text)
         if name in ("sample", "run"):
             p.add_argument("--temperature", type=float)
@@ -435,24 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     restore_sigterm = sigterm_unwinds()
     try:
         if args.command == "render":
-            from .figures import render_artifact
-
             n = render_artifact(args.artifact, args.res, args.n, args.png, args.stride)
             print(f"rendered {n} fields at {args.res}x{args.res} into {args.png}")
             return 0
         if args.command == "compare":
-            from .compare import compare_runs
-
             print(compare_runs(args.runs, md_path=args.md, json_path=args.json, png_path=args.png))
             return 0
         if args.command == "report":
-            from .report import write_report
-
             print(f"report: {write_report(args.run, baselines=args.baseline)}")
             return 0
         if getattr(args, "pretrained", None):
-            from .pretrained import install
-
             out = args.out or Path("runs") / f"pretrained-{args.pretrained}"
             check_out(out)
             args.out = install(args.pretrained, out)
@@ -460,9 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.command}: the following arguments are required: --out/-o")
         run_dir: Path = args.out
         check_out(run_dir)
-        from . import distributed  # under torchrun, rank 0 leads and ranks > 0 follow (docs/distributed.md)
-
-        if distributed.is_follower():
+        if distributed.is_follower():  # under torchrun, rank 0 leads and ranks > 0 follow (docs/distributed.md)
             return distributed.follow()
         if args.command != "run" and args.command != "fit" and not run_dir.is_dir():
             raise ArtifactError(f"{run_dir}: run directory not found")
@@ -473,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         with distributed.leading(args.command), run_lock(run_dir):  # two writers would corrupt a run directory
             remove_stale_temps(run_dir)
             cfg = resolve_config(args, run_dir)
-            stages = STAGES if args.command == "run" else (args.command,)
+            stages = [s.name for s in STAGES] if args.command == "run" else [args.command]
             # Checked before config.json is written, so a failed command changes nothing.
             check_inputs(stages[0], run_dir)
             if args.command not in ("fit", "run"):
@@ -488,8 +455,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in ("run", "evaluate"):
                 print(summary_table(run_dir))
             if args.command == "run":
-                from .report import write_report
-
                 print(f"report: {write_report(run_dir)}")
     except NefgptError as exc:
         if args.debug:

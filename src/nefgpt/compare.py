@@ -17,12 +17,7 @@ from typing import Any
 
 from .artifacts import load_json, save_json, write_bytes
 from .errors import ArtifactError
-
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.json"
-SPLIT_FILE = "split.json"
-SAMPLES_FILE = "samples.safetensors"
-TRAIN_FILE = "train.json"
+from .layout import CONFIG_FILE, GRID_FILE, METRICS_FILE, SAMPLES_FILE, SPLIT_FILE, SUMMARY_FILE
 CEILING = "real-data ceiling"
 
 # (JSON key, column header, formatter kind) in table order.
@@ -69,7 +64,7 @@ def save_grids_side_by_side(path: Path, run_dirs: list[Path], names: list[str]) 
 
     grids = []
     for run_dir in run_dirs:
-        grid_path = run_dir / "samples_grid.png"
+        grid_path = run_dir / GRID_FILE
         try:
             with Image.open(grid_path) as img:
                 grids.append(img.convert("RGB"))
@@ -174,7 +169,7 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 def train_seconds(run_dir: Path) -> float | None:
-    path = run_dir / TRAIN_FILE
+    path = run_dir / SUMMARY_FILE
     if not path.is_file():
         return None
     value = load_json(path)

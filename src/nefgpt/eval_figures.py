@@ -22,10 +22,8 @@ from PIL import Image, ImageDraw
 from . import field, metrics
 from .artifacts import atomic_path
 from .figures import save_confusion_matrix, save_png
+from .layout import CONFUSION_FILE, GENERATION_FILE, NEAREST_FILE
 
-NEAREST_FILE = "samples_nearest.png"
-CONFUSION_FILE = "confusion.png"
-GENERATION_FILE = "generation.gif"
 FIGURE_FILES = (NEAREST_FILE, CONFUSION_FILE, GENERATION_FILE)
 
 _BLACK, _GREY, _RED = (0, 0, 0), (110, 110, 110), (200, 30, 30)

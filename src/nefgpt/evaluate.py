@@ -27,57 +27,15 @@ from pathlib import Path
 import torch
 
 from . import field, metrics
-from .artifacts import load_tensors, save_json
-from .classifier import load_classifier, save_classifier, score_images, train_classifier
+from .artifacts import save_json
+from .classifier import get_classifier, score_images
 from .config import EvalConfig
 from .errors import ArtifactError
 from .eval_figures import write_eval_figures
-from .fit import load_nefs, load_split_images
-from .sample import SAMPLES_FILE
-
-METRICS_FILE = "metrics.json"
-CLASSIFIER_FILE = "classifier.safetensors"
-
-
-def balanced_indices(labels: torch.Tensor, per_class: dict[int, int], seed: int) -> torch.Tensor:
-    """A seeded draw of per_class[c] indices of each class c, sorted."""
-    gen = torch.Generator().manual_seed(seed)
-    picks = []
-    for c, k in sorted(per_class.items()):
-        idx = torch.nonzero(labels == c).flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
-    return torch.cat(picks).sort().values
-
-
-def load_generated_fields(run_dir: Path, expect: field.FieldSpec | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and metadata of samples.safetensors, checked against the architecture `expect`."""
-    path = run_dir / SAMPLES_FILE
-    tensors, meta = load_tensors(path, {"weights": torch.float32, "labels": torch.int64})
-    spec = field.FieldSpec.from_meta(meta.get("field", {}), str(path))
-    if expect is not None:
-        expect.check_matches(spec, str(path))
-    weights, labels = tensors["weights"], tensors["labels"]
-    spec.check_weights(weights, str(path))
-    if labels.shape != (weights.shape[0],):
-        raise ArtifactError(f"{path}: {tuple(labels.shape)} labels for {weights.shape[0]} fields")
-    return tensors, {**meta, "spec": spec}
-
-
-def load_generated(run_dir: Path, expect: field.FieldSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rendered images and labels of the sampled fields, checked against the architecture `expect`."""
-    tensors, meta = load_generated_fields(run_dir, expect)
-    return field.render(meta["spec"], tensors["weights"], 28), tensors["labels"]
-
-
-def get_classifier(run_dir: Path, cfg: EvalConfig, train_images, train_labels, val_images, val_labels, progress: bool):
-    path = run_dir / CLASSIFIER_FILE
-    if path.exists():
-        return load_classifier(path)
-    model, info = train_classifier(train_images, train_labels, val_images, val_labels, epochs=cfg.classifier_epochs,
-                                   batch_size=cfg.classifier_batch_size, lr=cfg.classifier_lr, seed=cfg.seed,
-                                   progress=progress)
-    save_classifier(model, path, info)
-    return model, info
+from .fit import load_nefs
+from .layout import METRICS_FILE, SAMPLES_FILE
+from .samples_io import load_generated_fields
+from .split import balanced_indices, load_split_images
 
 
 def near_copy_stats(gen_nn: torch.Tensor, heldout_nn: torch.Tensor) -> dict:
@@ -138,7 +96,7 @@ def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
     novelty = near_copy_stats(gen_nn, held_nn)
 
     clf, clf_info = get_classifier(run_dir, cfg, images[train_idx], train_labels, images[held_idx], held_labels,
-                                   progress)
+                                   split["num_classes"], progress)
     score = score_images(clf, gen, gen_l)
     held_field_score = score_images(clf, ref, ref_l)
 

@@ -26,17 +26,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import field
-from .artifacts import load_json, load_tensors, save_json, save_tensors
+from .artifacts import load_tensors, save_tensors
 from .config import DataConfig, FitConfig
-from .data import load_dataset, stratified_split, subset_per_class
-from .errors import ArtifactError, DataError
 from .field import FieldSpec
+from .layout import ANCHOR_FILE, CHUNK_DIR, NEFS_FILE, SPLIT_FILE
+from .split import load_split_images, make_split
 from .weight_stats import init_stats
-
-SPLIT_FILE = "split.json"
-NEFS_FILE = "nefs.safetensors"
-ANCHOR_FILE = "anchor.safetensors"
-CHUNK_DIR = "fit_chunks"
 
 
 def spec_from_config(cfg: FitConfig) -> FieldSpec:
@@ -59,54 +54,6 @@ def fit_batch(
         loss.backward()
         opt.step()
     return weights.detach()
-
-
-def make_split(cfg: DataConfig, run_dir: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Load the dataset, pick the subset and the stratified split, and save them.
-
-    Returns the split and the images and labels of its fields, in field order.
-    """
-    ds = load_dataset(cfg.dataset)
-    keep = (
-        subset_per_class(ds.labels, cfg.subset_per_class, cfg.seed)
-        if cfg.subset_per_class
-        else torch.arange(len(ds.labels))
-    )
-    train_idx, heldout_idx = stratified_split(ds.labels[keep], cfg.heldout_per_class, cfg.seed)
-    train_labels = ds.labels[keep][train_idx]
-    fewest = int(train_labels.unique(return_counts=True)[1].min()) if len(train_labels) else 0
-    if cfg.tune_per_class >= fewest:
-        raise DataError(f"data.tune_per_class = {cfg.tune_per_class}: a class has only {fewest} examples left after "
-                        f"holding out {cfg.heldout_per_class} per class, and training needs some")
-    rest, tune = stratified_split(train_labels, cfg.tune_per_class, cfg.seed + 1)
-    train_idx, tune_idx = train_idx[rest], train_idx[tune]
-    split = {
-        "dataset": ds.name,
-        "image_size": int(ds.images.shape[-1]),
-        "num_classes": ds.num_classes,
-        "indices": keep.tolist(),  # positions in the dataset of the fields, in field order
-        "train": train_idx.tolist(),  # positions in `indices` / rows of nefs.safetensors
-        "heldout": heldout_idx.tolist(),
-        "tune": tune_idx.tolist(),  # for `nefgpt tune`; neither trained on nor used in the reported scores
-    }
-    save_json(run_dir / SPLIT_FILE, split)
-    return split, ds.images[keep], ds.labels[keep]
-
-
-def load_split(run_dir: Path) -> dict:
-    split = load_json(run_dir / SPLIT_FILE)
-    for key in ("dataset", "indices", "train", "heldout", "num_classes"):
-        if key not in split:
-            raise ArtifactError(f"{run_dir / SPLIT_FILE}: missing '{key}'")
-    return split
-
-
-def load_split_images(run_dir: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """The split and the images/labels of its fields, in field order."""
-    split = load_split(run_dir)
-    ds = load_dataset(split["dataset"])
-    idx = torch.tensor(split["indices"], dtype=torch.long)
-    return split, ds.images[idx], ds.labels[idx]
 
 
 def fit_anchor(spec: FieldSpec, image: torch.Tensor, cfg: FitConfig) -> torch.Tensor:

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import NefgptError
-
-LOCK_FILE = ".nefgpt.lock"
+from .layout import LOCK_FILE
 
 
 @contextmanager

@@ -12,16 +12,13 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from .artifacts import load_checkpoint, load_json, save_checkpoint, save_json
 from .errors import UsageError
+from .layout import CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, GRID_FILE, METRICS_FILE, TOKENIZER_FILE, TUNE_FILE
 
 MODELS_DIR = "pretrained_models"
 # What `sample` needs, and what lets a user (and a test) check the recorded numbers.
-SHIPPED_FILES = ("tokenizer.safetensors", "ckpt.pt", "config.json", "tune.json", "metrics.json",
-                 "classifier.safetensors", "samples_grid.png")
-REQUIRED_FILES = ("tokenizer.safetensors", "ckpt.pt", "config.json")
-# Checkpoint keys a sampler needs; the optimizer state would triple the size for nothing.
-CKPT_KEYS = ("model", "model_args", "iter_num", "best_val_loss", "tokenizer_id", "config", "elapsed_s")
+SHIPPED_FILES = (TOKENIZER_FILE, CKPT_FILE, CONFIG_FILE, TUNE_FILE, METRICS_FILE, CLASSIFIER_FILE, GRID_FILE)
+REQUIRED_FILES = (TOKENIZER_FILE, CKPT_FILE, CONFIG_FILE)
 
 
 def models_root() -> Path:
@@ -46,27 +43,6 @@ def install(name: str, run_dir: Path) -> Path:
     src = model_dir(name)
     run_dir.mkdir(parents=True, exist_ok=True)
     for f in SHIPPED_FILES:
-        if (src / f).exists() and f != "samples_grid.png":
+        if (src / f).exists() and f != GRID_FILE:
             shutil.copyfile(src / f, run_dir / f)
     return run_dir
-
-
-def export(run_dir: Path, dest: Path) -> list[Path]:
-    """Write the shippable subset of an evaluated run into `dest` (used once, to make a shipped model)."""
-    for f in REQUIRED_FILES:
-        if not (run_dir / f).exists():
-            raise UsageError(f"{run_dir / f}: not found; export needs a trained run")
-    dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for f in SHIPPED_FILES:
-        if not (run_dir / f).exists():
-            continue
-        if f == "ckpt.pt":
-            ckpt = load_checkpoint(run_dir / f)
-            save_checkpoint(dest / f, {k: ckpt[k] for k in CKPT_KEYS if k in ckpt})
-        elif f == "config.json":
-            save_json(dest / f, load_json(run_dir / f))
-        else:
-            shutil.copyfile(run_dir / f, dest / f)
-        written.append(dest / f)
-    return written

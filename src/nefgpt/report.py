@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .artifacts import atomic_path, load_json
-from .compare import CONFIG_FILE, METRICS_FILE, TRAIN_FILE, collect_rows, read_safetensors_metadata, table_cells
+from .compare import collect_rows, read_safetensors_metadata, table_cells
 from .errors import ArtifactError
-
-REPORT_FILE = "report.html"
-TUNE_FILE = "tune.json"
+from .layout import (CONFIG_FILE, GRID_FILE, METRICS_FILE, NEFS_FILE, REPORT_FILE, SUMMARY_FILE,
+                     TOKENIZER_REPORT_FILE, TUNE_FILE)
 MAX_IMAGE_BYTES = 50_000_000
 _MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _MAGIC = {"image/png": (b"\x89PNG\r\n\x1a\n",), "image/gif": (b"GIF87a", b"GIF89a"), "image/jpeg": (b"\xff\xd8\xff",)}
@@ -30,7 +29,7 @@ _MAGIC = {"image/png": (b"\x89PNG\r\n\x1a\n",), "image/gif": (b"GIF87a", b"GIF89
 # matched by pattern; the first matching rule wins and anything unmatched lands
 # in "Other figures", so a new figure is never silently left out.
 _FIGURE_RULES: tuple[tuple[str, Callable[[str], bool], str], ...] = (
-    ("samples", lambda n: n == "samples_grid.png", "generated samples, one row per class"),
+    ("samples", lambda n: n == GRID_FILE, "generated samples, one row per class"),
     ("samples", lambda n: n.endswith(".gif") or "generation" in n, "generation, weight by weight"),
     ("samples", lambda n: "nearest" in n or "neighbo" in n or n.startswith("nn"),
      "samples beside their nearest training fields"),
@@ -85,7 +84,7 @@ def write_report(run_dir: Path, baselines: list[Path] = ()) -> Path:
     sections["headline"].append(_headline_table(rows))
     sections["headline"].append(_details(run_dir, metrics, notes))
     sections["per_class"] += [_per_class_table(metrics), _confusion_table(metrics)]
-    train = _optional_json(run_dir / TRAIN_FILE, notes)
+    train = _optional_json(run_dir / SUMMARY_FILE, notes)
     if isinstance(train, dict):
         sections["training"].append(_kv_table({k: v for k, v in train.items() if _is_scalar(v)}))
     tune = _optional_json(run_dir / TUNE_FILE, notes)
@@ -135,7 +134,7 @@ def _headline_table(rows: list[dict[str, Any]]) -> str:
 def _details(run_dir: Path, metrics: dict, notes: list[str]) -> str:
     """Further single numbers of the run: fitting and quantization quality, classifier, set sizes."""
     items: dict[str, Any] = {}
-    nefs = run_dir / "nefs.safetensors"
+    nefs = run_dir / NEFS_FILE
     if nefs.is_file():
         try:
             psnr = read_safetensors_metadata(nefs).get("psnr_mean")
@@ -143,7 +142,7 @@ def _details(run_dir: Path, metrics: dict, notes: list[str]) -> str:
                 items["fitting PSNR (dB, mean)"] = float(json.loads(psnr) if isinstance(psnr, str) else psnr)
         except (ArtifactError, ValueError, TypeError) as exc:
             notes.append(f"fitting PSNR not shown: {exc}")
-    tok = _optional_json(run_dir / "tokenizer.json", notes)
+    tok = _optional_json(run_dir / TOKENIZER_REPORT_FILE, notes)
     if isinstance(tok, dict) and _is_scalar(tok.get("psnr_quantized_mean")):
         items["quantized PSNR (dB, mean)"] = tok["psnr_quantized_mean"]
     for key, label in (("classifier_heldout_accuracy", "classifier accuracy on real held-out images"),
@@ -199,8 +198,8 @@ def _classify_figures(run_dir: Path) -> list[tuple[str, str, str]]:
         low = path.name.lower()
         section, caption = next(((s, c) for s, match, c in _FIGURE_RULES if match(low)), ("other", ""))
         found.append((path.name, section, caption))
-    # samples_grid.png first in its section, whatever sorts before it.
-    return sorted(found, key=lambda f: (f[0] != "samples_grid.png", f[0]))
+    # The sample grid first in its section, whatever sorts before it.
+    return sorted(found, key=lambda f: (f[0] != GRID_FILE, f[0]))
 
 
 def _figure(path: Path, caption: str, notes: list[str]) -> str:

@@ -28,18 +28,16 @@ from .artifacts import load_tensors, save_json, save_tensors
 from .config import TokenizerConfig
 from .errors import ArtifactError, UsageError
 from .field import FieldSpec
+from .fit import load_nefs
+from .layout import TOKENIZER_FIGURE_FILE, TOKENIZER_FILE, TOKENIZER_REPORT_FILE, TOKENS_FILE
+from .split import load_split, load_split_images
 from .weight_stats import save_tokenizer_figure
-
-TOKENIZER_FILE = "tokenizer.safetensors"
-TOKENS_FILE = "tokens.safetensors"
-REPORT_FILE = "tokenizer.json"
-FIGURE_FILE = "tokenizer.png"
 
 
 @dataclass(frozen=True)
 class Vocab:
     num_codes: int
-    num_classes: int = 10
+    num_classes: int
 
     @property
     def sos(self) -> int:
@@ -264,17 +262,15 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise ArtifactError(f"{path}: {exc}") from None
 
 
-def run_tokenize(cfg: TokenizerConfig, run_dir: Path, num_classes: int) -> dict:
-    """Learn the codebook on the training fields and tokenize every field."""
-    from .fit import load_nefs, load_split, load_split_images
-
+def run_tokenize(cfg: TokenizerConfig, run_dir: Path) -> dict:
+    """Learn the codebook on the training fields and tokenize every field; the split gives the classes."""
     nefs, meta = load_nefs(run_dir)
     spec: FieldSpec = meta["spec"]
     split = load_split(run_dir)
     weights = nefs["weights"]
     train = torch.tensor(split["train"], dtype=torch.long)
     held = torch.tensor(split["heldout"], dtype=torch.long)
-    tok, stats = learn_tokenizer(weights[train], spec, cfg, num_classes, nefs.get("anchor"))
+    tok, stats = learn_tokenizer(weights[train], spec, cfg, int(split["num_classes"]), nefs.get("anchor"))
     vocab, codebook = tok.vocab, tok.codebook
     tokens = tok.encode(weights)
     quantized = tok.decode(tokens)
@@ -305,12 +301,12 @@ def run_tokenize(cfg: TokenizerConfig, run_dir: Path, num_classes: int) -> dict:
     save_tokenizer(run_dir / TOKENIZER_FILE, tok)
     save_tensors(run_dir / TOKENS_FILE, {"tokens": tokens.to(torch.int16), "labels": nefs["labels"]},
                  {"tokenizer_id": report["tokenizer_id"]})
-    save_json(run_dir / REPORT_FILE, report)
+    save_json(run_dir / TOKENIZER_REPORT_FILE, report)
     # One field of each of the first classes, so the figure shows varied shapes.
     shown = [int(train[(nefs["labels"][train] == c).nonzero()[0, 0]]) for c in nefs["labels"][train].unique()[:6]]
     label = {"none": "weight value", "raw": "offset w - anchor", "position": "(w - anchor) / per-position std",
              "layer": "(w - anchor) / per-tensor std"}[tok.offsets]
-    save_tokenizer_figure(run_dir / FIGURE_FILE, tok.values(weights[train]), codebook, spec, weights[shown],
+    save_tokenizer_figure(run_dir / TOKENIZER_FIGURE_FILE, tok.values(weights[train]), codebook, spec, weights[shown],
                           quantized[shown], images[shown], value_label=label)
     return report
 

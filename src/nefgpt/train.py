@@ -34,9 +34,10 @@ from .artifacts import atomic_path, load_checkpoint, save_checkpoint, save_json
 from .config import TrainConfig
 from .errors import ArtifactError, NefgptError, UsageError
 from .field import FieldSpec
-from .fit import load_split
+from .layout import TOKENIZER_FILE
 from .model import GPT, GPTConfig
-from .tokenizer import TOKENIZER_FILE, Vocab, load_tokenizer, load_tokens
+from .split import load_split
+from .tokenizer import Vocab, load_tokenizer, load_tokens
 
 CKPT_FILE = "ckpt.pt"
 LOG_FILE = "train_log.csv"

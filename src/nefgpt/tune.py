@@ -33,19 +33,17 @@ from tqdm import tqdm
 
 from . import field, metrics
 from .artifacts import load_json, save_json, write_bytes
-from .classifier import score_images
+from .classifier import get_classifier, score_images
 from .config import RunConfig, TuneConfig
 from .errors import ArtifactError, UsageError
-from .evaluate import balanced_indices, get_classifier
 from .figures import save_tune_heatmap
-from .fit import SPLIT_FILE, load_nefs, load_split_images
-from .sample import check_guidance, check_sampling, generate, load_checked_model, trained_config
-from .tokenizer import TOKENIZER_FILE, load_tokenizer
-from .train import CKPT_FILE
+from .fit import load_nefs
+from .generate import check_guidance, check_sampling, generate, trained_config
+from .layout import CKPT_FILE, SPLIT_FILE, TOKENIZER_FILE, TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
+from .sample import load_checked_model
+from .split import balanced_indices, load_split_images
+from .tokenizer import load_tokenizer
 
-TUNE_FILE = "tune.json"
-TABLE_FILE = "tune_table.md"
-HEATMAP_FILE = "tune_heatmap.png"
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance")
 # Fixed rather than sample.batch_size: how samples are batched decides which random draws each one gets,
 # and the tuning result should depend on the [tune] settings alone.
@@ -201,7 +199,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     held_idx = torch.tensor(split["heldout"], dtype=torch.long)
     # Evaluate's arguments exactly, so the classifier is the same whichever stage trains it first.
     clf, _ = get_classifier(run_dir, cfg.evaluate, images[train_idx], labels[train_idx], images[held_idx],
-                            labels[held_idx], progress)
+                            labels[held_idx], split["num_classes"], progress)
     gen_labels = torch.cat([torch.full((k,), c, dtype=torch.long) for c, k in counts.items()])
     if OBJECTIVES[tc.objective].uses_diversity and max(counts.values()) < 2:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: tune.objective = {tc.objective} measures the diversity within "
@@ -260,7 +258,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
         "best": {**rows[best], "qualified": qualified, "note": note},
         "tune_seconds": time.time() - t0,
     }
-    write_bytes(run_dir / TABLE_FILE, format_table(rows, best, tc.objective).encode())
-    save_tune_heatmap(run_dir / HEATMAP_FILE, rows, rows[best])
+    write_bytes(run_dir / TUNE_TABLE_FILE, format_table(rows, best, tc.objective).encode())
+    save_tune_heatmap(run_dir / TUNE_HEATMAP_FILE, rows, rows[best])
     save_json(run_dir / TUNE_FILE, result)  # last: its presence marks the stage as done
     return {"n": len(rows), **{k: rows[best][k] for k in (*SAMPLING_KEYS, "accuracy", "1nna", "mmd", "cov")}}

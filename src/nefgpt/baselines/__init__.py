@@ -7,7 +7,7 @@ module NAME here. Each module has
   ``split.json`` (training rows only), writes ``ckpt.pt`` (a plain dict, loadable with
   ``torch.load(weights_only=True)``) and ``train.json``;
 - ``sample(cfg: RunConfig, run_dir, progress, labels) -> dict``: writes the same sample
-  artifacts as the GPT's `sample` stage, through :func:`nefgpt.sample.save_samples`.
+  artifacts as the GPT's `sample` stage, through :func:`nefgpt.samples_io.save_samples`.
 """
 
 from __future__ import annotations

@@ -1,19 +1,30 @@
-"""What the baselines share: their training fields, checkpoint checks, class choice, sample writing."""
+"""What the baselines share: their training fields, checkpoint checks, class choice, sample writing.
+
+The baselines fitted in one pass (gaussian, marginals, copy_noise) also share
+their whole skeleton: `train_in_one_pass` loads the training fields, saves what
+the baseline fitted as ckpt.pt and train.json; `sample_per_class` loads the
+checkpoint and writes what the baseline drew for each class. Each baseline keeps
+only its statistics and its draw.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from ..artifacts import load_checkpoint
+from ..artifacts import load_checkpoint, save_checkpoint, save_json
 from ..config import RunConfig
 from ..errors import ArtifactError, UsageError
 from ..field import FieldSpec
-from ..fit import NEFS_FILE, SPLIT_FILE, load_nefs, load_split, spec_from_config
-from ..sample import save_samples
+from ..fit import load_nefs, spec_from_config
+from ..layout import NEFS_FILE, SPLIT_FILE
+from ..samples_io import save_samples
+from ..split import load_split
 
 CKPT_FILE = "ckpt.pt"
 SUMMARY_FILE = "train.json"
@@ -97,3 +108,54 @@ def check_range(name: str, value: float, low: float, high: float, high_open: boo
         raise UsageError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
 
 
+@dataclass
+class Fitted:
+    """What a baseline fitted in one pass learned, for its checkpoint and train.json."""
+
+    model: dict  # the checkpoint's "model"
+    model_args: dict  # beyond kind, num_params and num_classes, which every baseline records
+    summary: dict  # train.json, beyond model, num_train_fields and train_seconds
+    checkpoint: dict = field(default_factory=dict)  # more checkpoint entries: settings, tokenizer id
+
+
+def train_in_one_pass(cfg: RunConfig, run_dir: Path, kind: str, fit: Callable[[Fields], Fitted]) -> dict:
+    """Fit `kind` on the training fields and save it; there is nothing to resume, so iter_num is 0."""
+    t0 = time.time()
+    fields = load_fields(cfg, run_dir, "train")
+    fitted = fit(fields)
+    model_args = {"kind": kind, "num_params": fields.spec.num_params, "num_classes": fields.num_classes,
+                  **fitted.model_args}
+    save_checkpoint(run_dir / CKPT_FILE, {"model": fitted.model, "model_args": model_args, "nefs_id": fields.nefs_id,
+                                          **fitted.checkpoint, "iter_num": 0})
+    summary = {"model": kind, **fitted.summary, "num_train_fields": len(fields.labels),
+               "train_seconds": time.time() - t0}
+    save_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def load_trained(cfg: RunConfig, run_dir: Path, kind: str) -> tuple[Fields, dict]:
+    """The training fields and the `kind` checkpoint made from them."""
+    fields = load_fields(cfg, run_dir, "train")
+    return fields, load_baseline_checkpoint(run_dir, kind, fields)
+
+
+# draw(classes, labels, generator) -> (weights (N, P), extra tensors for samples.safetensors), N = len(labels):
+# labels holds each class of `classes` n_per_class times, in order.
+Draw = Callable[[list[int], torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def sample_per_class(cfg: RunConfig, run_dir: Path, fields: Fields, kind: str, labels: list[int] | None, draw: Draw,
+                     meta: dict | None = None, sampling: dict | None = None) -> dict:
+    """Draw sample.n_per_class fields of each class (all, or `labels`) from one seeded generator and write them.
+
+    `meta` and `sampling` add the baseline's own entries to the samples' metadata and its "sampling" record.
+    """
+    classes = sample_classes(labels, fields)
+    n = cfg.sample.n_per_class
+    all_labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
+    gen = torch.Generator().manual_seed(cfg.sample.seed)
+    t0 = time.perf_counter()
+    weights, extra = draw(classes, all_labels, gen)
+    meta = {"model": kind, **(meta or {}), "sampling": {"seed": cfg.sample.seed, "n_per_class": n, **(sampling or {})},
+            "seconds_per_field": (time.perf_counter() - t0) / len(all_labels)}
+    return write_samples(cfg, run_dir, fields, weights, all_labels, meta, extra=extra or None)

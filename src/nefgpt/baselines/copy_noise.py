@@ -15,18 +15,15 @@ fields, plain on the held-out ones) is reported as the train / held-out loss.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .. import field, metrics
-from ..artifacts import save_checkpoint, save_json
 from ..config import RunConfig
 from ..errors import ArtifactError, UsageError
-from .common import CKPT_FILE, SUMMARY_FILE, Fields, load_baseline_checkpoint, load_fields, sample_classes, \
-    write_samples
+from .common import CKPT_FILE, Fields, Fitted, load_fields, load_trained, sample_per_class, train_in_one_pass
 
 KIND = "copy_noise"
 
@@ -97,8 +94,11 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
         raise UsageError(f"baseline.noise_scale must be >= 0, or -1 to tune it, got {b.noise_scale}")
     if b.noise_scale == -1.0 and (not b.noise_scales or min(b.noise_scales) < 0):
         raise UsageError(f"baseline.noise_scales must be a non-empty list of scales >= 0, got {b.noise_scales}")
-    t0 = time.time()
-    fields = load_fields(cfg, run_dir, "train")
+    return train_in_one_pass(cfg, run_dir, KIND, lambda fields: _fit(cfg, run_dir, fields, progress))
+
+
+def _fit(cfg: RunConfig, run_dir: Path, fields: Fields, progress: bool) -> Fitted:
+    b = cfg.baseline
     std = position_std(fields.weights)
     scores: list[dict] = []
     if b.noise_scale >= 0:
@@ -109,37 +109,25 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
         # Ties go to the larger scale: the same score with more noise is the less copied one.
         scale = min(scores, key=lambda s: (s["nna_gap"], -s["scale"]))["scale"]
         chosen_by = "1-NNA gap on the tuning split"
-    model_args = {"kind": KIND, "num_params": fields.spec.num_params, "num_classes": fields.num_classes,
-                  "noise_scale": float(scale)}
-    save_checkpoint(run_dir / CKPT_FILE, {"model": {"std": std}, "model_args": model_args, "grid": scores,
-                                          "nefs_id": fields.nefs_id, "config": vars(b).copy(), "iter_num": 0})
-    summary = {"model": KIND, "noise_scale": float(scale), "chosen_by": chosen_by, "grid": scores,
-               "num_train_fields": len(fields.labels)}
+    summary = {"noise_scale": float(scale), "chosen_by": chosen_by, "grid": scores}
     if scale > 0:
         heldout = load_fields(cfg, run_dir, "heldout")
         sigma = scale * std
         summary["loss"] = "negative log-likelihood under the class's Gaussian kernel density, nats per weight"
         summary["train_loss"] = kde_nll_per_weight(fields.weights, fields.labels, fields, sigma, leave_one_out=True)
         summary["val_loss"] = kde_nll_per_weight(heldout.weights, heldout.labels, fields, sigma, leave_one_out=False)
-    summary["train_seconds"] = time.time() - t0
-    save_json(run_dir / SUMMARY_FILE, summary)
-    return summary
+    return Fitted({"std": std}, {"noise_scale": float(scale)}, summary, {"grid": scores, "config": vars(b).copy()})
 
 
 def sample(cfg: RunConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
-    fields = load_fields(cfg, run_dir, "train")
-    ckpt = load_baseline_checkpoint(run_dir, KIND, fields)
+    fields, ckpt = load_trained(cfg, run_dir, KIND)
     std = ckpt["model"].get("std")
     scale = ckpt["model_args"].get("noise_scale")
     if not isinstance(std, torch.Tensor) or std.shape != (fields.spec.num_params,) or not isinstance(scale, float):
         raise ArtifactError(f"{run_dir / CKPT_FILE}: not a valid {KIND} checkpoint (needs 'std' and 'noise_scale')")
-    classes = sample_classes(labels, fields)
-    n = cfg.sample.n_per_class
-    all_labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
-    gen = torch.Generator().manual_seed(cfg.sample.seed)
-    t0 = time.perf_counter()
-    weights, sources = noisy_copies(fields, all_labels, std.float(), scale, gen)
-    meta = {"model": KIND, "noise_scale": scale, "sampling": {"seed": cfg.sample.seed, "n_per_class": n},
-            "seconds_per_field": (time.perf_counter() - t0) / len(all_labels)}
-    return write_samples(cfg, run_dir, fields, weights, all_labels, meta,
-                         extra={"source_rows": fields.rows[sources]})  # rows of nefs.safetensors
+
+    def draw_classes(_classes: list[int], all_labels: torch.Tensor, gen: torch.Generator):
+        weights, sources = noisy_copies(fields, all_labels, std.float(), scale, gen)
+        return weights, {"source_rows": fields.rows[sources]}  # rows of nefs.safetensors
+
+    return sample_per_class(cfg, run_dir, fields, KIND, labels, draw_classes, meta={"noise_scale": scale})

@@ -16,16 +16,14 @@ as the train / held-out loss.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from ..artifacts import save_checkpoint, save_json
 from ..config import RunConfig
 from ..errors import ArtifactError
-from .common import CKPT_FILE, SUMMARY_FILE, check_range, load_baseline_checkpoint, load_fields, sample_classes, \
-    write_samples
+from .common import CKPT_FILE, Fields, Fitted, check_range, load_fields, load_trained, sample_per_class, \
+    train_in_one_pass
 
 KIND = "gaussian"
 _STD_FLOOR = 1e-8  # a class with one field has zero spread; keep its likelihood finite
@@ -94,8 +92,10 @@ def _check(cfg: RunConfig) -> None:
 def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> dict:
     """Fit every class in one pass (`resume` is accepted for the common interface; there is nothing to resume)."""
     _check(cfg)
-    t0 = time.time()
-    fields = load_fields(cfg, run_dir, "train")
+    return train_in_one_pass(cfg, run_dir, KIND, lambda fields: _fit(cfg, run_dir, fields))
+
+
+def _fit(cfg: RunConfig, run_dir: Path, fields: Fields) -> Fitted:
     heldout = load_fields(cfg, run_dir, "heldout")
     b = cfg.baseline
     p, c = fields.spec.num_params, fields.num_classes
@@ -115,39 +115,28 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
         model["counts"][k] = len(rows)
         train_nll.append(nll_per_weight(g, rows))
         val_nll.append(nll_per_weight(g, heldout.weights[heldout.labels == k]))
-    model_args = {"kind": KIND, "num_params": p, "num_classes": c, "covariance": b.covariance}
-    save_checkpoint(run_dir / CKPT_FILE, {"model": model, "model_args": model_args, "nefs_id": fields.nefs_id,
-                                          "config": vars(b).copy(), "iter_num": 0})
     val = torch.cat(val_nll) if val_nll else torch.empty(0)
     summary = {
-        "model": KIND,
         "covariance": b.covariance,
         "shrinkage": {str(k): float(model["shrinkage"][k]) for k in range(c) if model["counts"][k] > 0},
         "loss": "negative log-likelihood under the class Gaussian, nats per weight",
         "train_loss": float(torch.cat(train_nll).mean()),
         "val_loss": float(val.mean()) if len(val) else None,
         "val_loss_median": float(val.median()) if len(val) else None,
-        "num_train_fields": len(fields.labels),
-        "train_seconds": time.time() - t0,
     }
-    save_json(run_dir / SUMMARY_FILE, summary)
-    return summary
+    return Fitted(model, {"covariance": b.covariance}, summary, {"config": vars(b).copy()})
 
 
 def sample(cfg: RunConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
-    fields = load_fields(cfg, run_dir, "train")
-    ckpt = load_baseline_checkpoint(run_dir, KIND, fields)
-    classes = sample_classes(labels, fields)
+    fields, ckpt = load_trained(cfg, run_dir, KIND)
     m = ckpt["model"]
-    try:
-        per_class = [{name: m[name][k] for name in ("mean", "std", "eigvecs", "eigvals")} for k in classes]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise ArtifactError(f"{run_dir / CKPT_FILE}: not a valid {KIND} checkpoint ({exc})") from None
-    gen = torch.Generator().manual_seed(cfg.sample.seed)
-    t0 = time.perf_counter()
     n = cfg.sample.n_per_class
-    weights = torch.cat([draw(g, n, gen) for g in per_class]).float()
-    all_labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
-    meta = {"model": KIND, "sampling": {"seed": cfg.sample.seed, "n_per_class": n},
-            "seconds_per_field": (time.perf_counter() - t0) / len(all_labels)}
-    return write_samples(cfg, run_dir, fields, weights, all_labels, meta)
+
+    def draw_classes(classes: list[int], _labels: torch.Tensor, gen: torch.Generator):
+        try:
+            per_class = [{name: m[name][k] for name in ("mean", "std", "eigvecs", "eigvals")} for k in classes]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ArtifactError(f"{run_dir / CKPT_FILE}: not a valid {KIND} checkpoint ({exc})") from None
+        return torch.cat([draw(g, n, gen) for g in per_class]).float(), {}
+
+    return sample_per_class(cfg, run_dir, fields, KIND, labels, draw_classes)

@@ -18,17 +18,15 @@ positions depend on each other would score about this.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from ..artifacts import save_checkpoint, save_json
 from ..config import RunConfig
 from ..errors import ArtifactError
-from ..tokenizer import TOKENIZER_FILE, TOKENS_FILE, load_tokenizer, load_tokens
-from .common import CKPT_FILE, SUMMARY_FILE, Fields, load_baseline_checkpoint, load_fields, sample_classes, \
-    write_samples
+from ..layout import TOKENIZER_FILE, TOKENS_FILE
+from ..tokenizer import load_tokenizer, load_tokens
+from .common import CKPT_FILE, Fields, Fitted, load_fields, load_trained, sample_per_class, train_in_one_pass
 
 KIND = "marginals"
 
@@ -87,8 +85,10 @@ def _run_tokens(run_dir: Path, *parts: Fields):
 
 def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> dict:
     """Count every class's codes per position (`resume` is accepted for the common interface; nothing to resume)."""
-    t0 = time.time()
-    fields = load_fields(cfg, run_dir, "train")
+    return train_in_one_pass(cfg, run_dir, KIND, lambda fields: _fit(cfg, run_dir, fields))
+
+
+def _fit(cfg: RunConfig, run_dir: Path, fields: Fields) -> Fitted:
     heldout = load_fields(cfg, run_dir, "heldout")
     tok, tokens = _run_tokens(run_dir, fields, heldout)
     k, c, p = tok.vocab.num_codes, fields.num_classes, fields.spec.num_params
@@ -97,12 +97,8 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
                             f"the split has {c} classes")
     train_tokens, held_tokens = tokens[fields.rows], tokens[heldout.rows]
     counts = code_counts(train_tokens, fields.labels, c, k)
-    model_args = {"kind": KIND, "num_params": p, "num_classes": c, "num_codes": k}
-    save_checkpoint(run_dir / CKPT_FILE, {"model": {"counts": counts.to(torch.int32)}, "model_args": model_args,
-                                          "nefs_id": fields.nefs_id, "tokenizer_id": tok.id, "iter_num": 0})
     held_ok = heldout.labels < c
     summary = {
-        "model": KIND,
         "loss": "cross-entropy of the per-class, per-position code frequencies (add-one smoothing), "
                 "nats per weight token",
         "train_loss": cross_entropy(counts, train_tokens, fields.labels),
@@ -112,16 +108,12 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
         "heldout_unseen_rate": (float((counts[heldout.labels[held_ok][:, None], torch.arange(p), held_tokens[held_ok]]
                                        == 0).double().mean()) if bool(held_ok.any()) else None),
         "num_codes": k,
-        "num_train_fields": len(fields.labels),
-        "train_seconds": time.time() - t0,
     }
-    save_json(run_dir / SUMMARY_FILE, summary)
-    return summary
+    return Fitted({"counts": counts.to(torch.int32)}, {"num_codes": k}, summary, {"tokenizer_id": tok.id})
 
 
 def sample(cfg: RunConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
-    fields = load_fields(cfg, run_dir, "train")
-    ckpt = load_baseline_checkpoint(run_dir, KIND, fields)
+    fields, ckpt = load_trained(cfg, run_dir, KIND)
     tok = load_tokenizer(run_dir / TOKENIZER_FILE)
     if ckpt.get("tokenizer_id") != tok.id:
         raise ArtifactError(f"{run_dir / CKPT_FILE}: counted with another tokenizer than {run_dir / TOKENIZER_FILE}; "
@@ -130,15 +122,12 @@ def sample(cfg: RunConfig, run_dir: Path, progress: bool = True, labels: list[in
     shape = (fields.num_classes, fields.spec.num_params, tok.vocab.num_codes)
     if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != shape or bool((counts < 0).any()):
         raise ArtifactError(f"{run_dir / CKPT_FILE}: not a valid {KIND} checkpoint (needs 'counts' of shape {shape})")
-    classes = sample_classes(labels, fields)
     n, temperature = cfg.sample.n_per_class, cfg.sample.temperature
-    gen = torch.Generator().manual_seed(cfg.sample.seed)
-    t0 = time.perf_counter()
-    codes = torch.cat([draw(counts[c], n, temperature, gen) for c in classes])
-    weights = tok.decode(codes)
-    all_labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
-    meta = {"model": KIND, "tokenizer_id": tok.id,
-            "sampling": {"seed": cfg.sample.seed, "n_per_class": n, "temperature": temperature},
-            "seconds_per_field": (time.perf_counter() - t0) / len(all_labels)}
-    # The codes go under their own name: "tokens" marks autoregressive samples (evaluate's generation GIF).
-    return write_samples(cfg, run_dir, fields, weights, all_labels, meta, extra={"codes": codes.to(torch.int16)})
+
+    def draw_classes(classes: list[int], _labels: torch.Tensor, gen: torch.Generator):
+        codes = torch.cat([draw(counts[c], n, temperature, gen) for c in classes])
+        # The codes go under their own name: "tokens" marks autoregressive samples (evaluate's generation GIF).
+        return tok.decode(codes), {"codes": codes.to(torch.int16)}
+
+    return sample_per_class(cfg, run_dir, fields, KIND, labels, draw_classes, meta={"tokenizer_id": tok.id},
+                            sampling={"temperature": temperature})

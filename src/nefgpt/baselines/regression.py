@@ -30,8 +30,9 @@ from ..artifacts import load_checkpoint, save_checkpoint, save_json
 from ..config import RunConfig
 from ..errors import ArtifactError, NefgptError, UsageError
 from ..field import FieldSpec
-from ..fit import load_nefs, load_split, spec_from_config
+from ..fit import load_nefs, spec_from_config
 from ..model import GPT, Block, GPTConfig, KVCache
+from ..split import load_split
 
 MODEL_TYPE = "regression"
 MIN_STD = 1e-6  # a weight that no field moved from the anchor would otherwise divide by zero
@@ -315,7 +316,7 @@ def generate(model: RegressionGPT, labels: torch.Tensor, noise: float, generator
 
 
 def sample(cfg: RunConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
-    from ..sample import save_samples
+    from ..samples_io import save_samples
 
     sc, rc = cfg.sample, cfg.regression
     ckpt_path = run_dir / gpt_train.CKPT_FILE
