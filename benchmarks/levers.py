@@ -98,13 +98,14 @@ def ensure_classifier(base: Path) -> None:
     """Train the evaluation classifier once in the base run, as `tune`/`evaluate` would, so every variant shares it."""
     import torch
 
+    from nefgpt.classifier import get_classifier
     from nefgpt.config import load_preset
-    from nefgpt.evaluate import get_classifier
-    from nefgpt.fit import load_split_images
+    from nefgpt.split import load_split_images
 
     split, images, labels = load_split_images(base)
     tr, held = (torch.tensor(split[k], dtype=torch.long) for k in ("train", "heldout"))
-    get_classifier(base, load_preset("cpu").evaluate, images[tr], labels[tr], images[held], labels[held], False)
+    get_classifier(base, load_preset("cpu").evaluate, images[tr], labels[tr], images[held], labels[held],
+                   split["num_classes"], False)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -14,8 +14,9 @@ import time
 import torch
 
 from nefgpt.config import load_preset
+from nefgpt.data import NUM_CLASSES
+from nefgpt.generate import generate
 from nefgpt.model import GPT
-from nefgpt.sample import generate
 from nefgpt.tokenizer import Vocab
 from nefgpt.train import model_config
 
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu")
     args = ap.parse_args()
     cfg = load_preset(args.preset)
-    vocab = Vocab(cfg.tokenize.num_codes)
+    vocab = Vocab(cfg.tokenize.num_codes, NUM_CLASSES)
     torch.manual_seed(0)
     model = GPT(model_config(cfg.train, vocab, num_params=561)).eval()
     labels = torch.arange(args.fields) % 10

@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nefgpt import hardware
 from nefgpt.config import load_preset
+from nefgpt.data import NUM_CLASSES
 from nefgpt.model import GPT
 from nefgpt.tokenizer import Vocab
 from nefgpt.train import autocast_dtype, model_config, sequence_loss
@@ -100,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_preset(args.preset)
-    vocab = Vocab(cfg.tokenize.num_codes)
+    vocab = Vocab(cfg.tokenize.num_codes, NUM_CLASSES)
     bs = cfg.train.batch_size
 
     def batch_of(n: int) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from nefgpt import config
@@ -198,3 +201,68 @@ def test_from_dict_rejects_unknown_keys_and_types():
         from_dict({"train": {"max_iters": "many"}}, source="config.json")
     with pytest.raises(UsageError, match="train.wat"):
         from_dict({"train": {"wat": 1}}, source="config.json")
+
+
+# --- preset inheritance -------------------------------------------------------------------------------------
+
+SNAPSHOTS = Path(__file__).parent / "data" / "preset_snapshots.json"
+
+
+@pytest.mark.parametrize("name", config.PRESETS)
+def test_every_preset_resolves_exactly_to_its_snapshot(name):
+    # Taken before presets could inherit (fashion = base "cpu" + its differences): the resolved values are pinned.
+    assert load_preset(name).to_dict() == json.loads(SNAPSHOTS.read_text())[name]
+
+
+def test_user_preset_inherits_from_a_builtin(tmp_path):
+    mine = tmp_path / "mine.toml"
+    mine.write_text('base = "cpu"\n[train]\nmax_iters = 7\n')
+    cfg = load_preset(str(mine))
+    expected = load_preset("cpu")
+    expected.train.max_iters = 7
+    assert cfg == expected
+
+
+def test_base_chain_of_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.toml").write_text('base = "seed"\n[train]\nlr = 1e-4\n[sample]\nn_per_class = 3\n')
+    (tmp_path / "sub" / "b.toml").write_text('base = "../a.toml"\n[train]\nmax_iters = 9\n')
+    cfg = load_preset(str(tmp_path / "sub" / "b.toml"))
+    seed = load_preset("seed")
+    assert (cfg.train.n_layer, cfg.train.head_dim) == (seed.train.n_layer, seed.train.head_dim)
+    assert cfg.train.lr == 1e-4 and cfg.train.max_iters == 9 and cfg.sample.n_per_class == 3
+
+
+def test_base_cycle_is_an_error_naming_the_file(tmp_path):
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n[train]\nmax_iters = 1\n')
+    with pytest.raises(UsageError, match=r"b\.toml: base = 'a\.toml' makes a cycle") as info:
+        load_preset(str(tmp_path / "a.toml"))
+    assert "\n" not in str(info.value)
+    (tmp_path / "self.toml").write_text('base = "self.toml"\n')
+    with pytest.raises(UsageError, match="self.toml.*cycle"):
+        load_preset(str(tmp_path / "self.toml"))
+
+
+def test_unknown_base_is_an_error_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('base = "gpu"\n')
+    with pytest.raises(UsageError, match=r"bad\.toml: unknown base preset 'gpu' \(choose from cpu, seed, fashion"):
+        load_preset(str(bad))
+    bad.write_text('base = "missing.toml"\n')
+    with pytest.raises(UsageError, match=r"bad\.toml: base preset file missing\.toml: not found"):
+        load_preset(str(bad))
+    bad.write_text('base = 3\n')
+    with pytest.raises(UsageError, match=r"bad\.toml: base must be"):
+        load_preset(str(bad))
+    # An error inside a base names the base file.
+    (tmp_path / "parent.toml").write_text("[train]\nmax_iter = 1\n")
+    bad.write_text('base = "parent.toml"\n')
+    with pytest.raises(UsageError, match=r"parent\.toml: unknown setting 'train\.max_iter'"):
+        load_preset(str(bad))
+
+
+def test_vocab_check_uses_the_datas_class_count():
+    config.check_vocab_size(65536 - 1 - 20, 20)
+    with pytest.raises(UsageError, match="tokenize.num_codes is too large.*21 classes"):
+        config.check_vocab_size(65536 - 1 - 20, 21)

@@ -37,6 +37,7 @@ from .layout import (ANCHOR_FILE, CHUNK_DIR, CKPT_FILE, CLASSIFIER_FILE, CONFIG_
 from .lock import run_lock
 from .pretrained import install
 from .report import write_report
+from .tune import sampling_config
 
 # Stage runners: (cfg, run_dir, args, restart) -> the stage's summary. They call through the stage's module, so
 # a test may replace a stage function there. `restart` is true when the stage redoes work made with other settings.
@@ -157,20 +158,6 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     kept = (cfg.sample.explicit if "sample.explicit" in given
             else [] if "sample.use_tuned" in given else saved_explicit)
     cfg.sample.explicit = [k for k in tune.SAMPLING_KEYS if k in kept or f"sample.{k}" in given]
-    return cfg
-
-
-def sampling_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    """The config with the tuned sampling setting filled in, when the run has one and may use it.
-
-    Keys in ``sample.explicit`` (given by hand) keep their value; the tuned setting fills in the others.
-    """
-    if cfg.train.model != "gpt" or not cfg.sample.use_tuned or not (run_dir / TUNE_FILE).exists():
-        return cfg
-    cfg = copy.deepcopy(cfg)
-    for key, value in tune.load_best_setting(run_dir).items():
-        if key not in cfg.sample.explicit:
-            setattr(cfg.sample, key, value)
     return cfg
 
 

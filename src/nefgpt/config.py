@@ -1,7 +1,10 @@
 """Configuration: one dataclass per stage, TOML presets, command-line overrides.
 
 A preset is a TOML file with one table per stage (``[fit]``, ``[train]`` ...);
-keys it leaves out keep the dataclass defaults. Overrides use dotted keys,
+keys it leaves out keep the dataclass defaults. A top-level ``base = "cpu"``
+(before any table) starts from another preset instead, so the file gives only
+what differs: a bare name is a built-in preset, a name ending in .toml a file
+(relative to the preset that names it); bases may chain, but not in a cycle. Overrides use dotted keys,
 ``--set train.max_iters=500``. Unknown tables or keys are errors, never ignored.
 The resolved configuration is saved as ``config.json`` in the run directory.
 """
@@ -66,6 +69,8 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
+    # These defaults are the model-agnostic base, not a tuned setup: the presets (presets/*.toml) set the tuned
+    # values, and every preset's resolved value is pinned by tests/data/preset_snapshots.json (test_config.py).
     model: str = "gpt"  # gpt | regression | diffusion | gaussian | copy_noise (see nefgpt.baselines)
     conditioning: str = "class"  # class: [SOS, C(label), w...]; none: unconditional
     p_uncond: float = 0.0  # share of training sequences whose class token is replaced by the null class (for guidance)
@@ -252,12 +257,36 @@ def preset_path(name: str) -> Path:
 
 
 def load_preset(name: str) -> RunConfig:
-    path = preset_path(name)
+    """A built-in preset or a .toml file, its ``base`` chain applied first (each file's errors name that file)."""
+    cfg = RunConfig()
+    for tables, source in _preset_chain(preset_path(name), ()):
+        from_dict(tables, source=source, base=cfg)
+    return cfg
+
+
+def _preset_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[dict[str, Any], str]]:
+    """[(tables, source)] from the root base down to ``path``; ``seen`` are the files that named it."""
     try:
         tables = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: invalid TOML ({exc})") from None
-    return from_dict(tables, source=str(path))
+    if "base" not in tables:
+        return [(tables, str(path))]
+    base = tables.pop("base")
+    if not isinstance(base, str):
+        raise UsageError(f"{path}: base must be a preset name ({', '.join(PRESETS)}) or a .toml path, got {base!r}")
+    if base.endswith(".toml"):
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        if not base_path.is_file():
+            raise UsageError(f"{path}: base preset file {base}: not found")
+    elif base in PRESETS:
+        base_path = preset_path(base)
+    else:
+        raise UsageError(f"{path}: unknown base preset '{base}' (choose from {', '.join(PRESETS)} or give a .toml path)")
+    chain = (*seen, path)
+    if base_path.resolve() in {p.resolve() for p in chain}:
+        raise UsageError(f"{path}: base = '{base}' makes a cycle ({' -> '.join(str(p) for p in (*chain, base_path))})")
+    return _preset_chain(base_path, chain) + [(tables, str(path))]
 
 
 def from_dict(tables: dict[str, Any], source: str, base: RunConfig | None = None) -> RunConfig:
@@ -335,7 +364,7 @@ _NON_NEGATIVE = {
     "tokenize": ("max_iters",),
     "train": ("max_iters", "warmup_iters", "head_dim", "max_minutes", "pos_bias_decay", "hl_sigma",
               "pos_bias_lr_mult"),
-    "sample": ("top_k",),
+    "sample": (),  # the sampling values: check_sampling
     "evaluate": (),
     "tune": ("budget", "min_accuracy", "max_minutes"),
     "regression": ("noise",),
@@ -366,6 +395,35 @@ def _sampling_keys() -> tuple[str, ...]:
     return SAMPLING_KEYS
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
+                   min_p: float = 0.0, prefix: str = "", num_codes_name: str = "") -> None:
+    """The one check of the sampling values (config validation, `sample`, `tune` and the API all call it).
+
+    ``prefix`` names their section in the messages ("sample."); ``num_codes_name`` names top-k's bound.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"{prefix}temperature must be a finite number >= 0, got {temperature}")
+    if top_k != 0 and not (isinstance(top_k, int) and 1 <= top_k <= num_codes):
+        bound = f"{num_codes_name} = {num_codes}" if num_codes_name else str(num_codes)
+        raise UsageError(f"{prefix}top_k must be 0 (off) or between 1 and {bound}, got {top_k}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):  # also refuses NaN
+        raise UsageError(f"{prefix}top_p must be in (0, 1], got {top_p}")
+    check_min_p(min_p, f"{prefix}min_p")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise UsageError(f"{prefix}guidance must be a finite number >= 0, got {guidance}")
+
+
+def check_min_p(value: float, name: str) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value < 1):  # also refuses NaN
+        raise UsageError(f"{name} must be in [0, 1) (0 is off), got {value}")
+
+
+def check_choice(dotted: str, value: Any, choices: Any) -> None:
+    """The one check of a setting with a fixed set of values (``choices``: any iterable of names)."""
+    if value not in choices:
+        raise UsageError(f"{dotted} must be one of {', '.join(choices)}, got {value!r}")
+
+
 _CHOICES = {
     ("fit", "init"): ("shared", "random"),
     ("tokenize", "init"): ("quantile", "random"),
@@ -384,6 +442,16 @@ _CHOICES = {
 }
 
 
+MAX_VOCAB = 65536
+
+
+def check_vocab_size(num_codes: int, num_classes: int) -> None:
+    """codes + SOS + one token per class must fit the token ids; the data (its split) gives num_classes."""
+    if num_codes + 1 + num_classes > MAX_VOCAB:
+        raise UsageError(f"tokenize.num_codes is too large: {num_codes} codes + SOS + {num_classes} classes "
+                         f"exceed {MAX_VOCAB} tokens")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Reject values that can't work, with the setting's name in the message."""
     for section, keys in _NON_NEGATIVE.items():
@@ -397,40 +465,28 @@ def validate(cfg: RunConfig) -> RunConfig:
             if not v > 0 or (isinstance(v, float) and not math.isfinite(v)):
                 raise UsageError(f"{section}.{key} must be > 0, got {v}")
     for (section, key), choices in _CHOICES.items():
-        choices = choices() if callable(choices) else choices
-        if getattr(getattr(cfg, section), key) not in choices:
-            raise UsageError(f"{section}.{key} must be one of {', '.join(choices)}")
+        check_choice(f"{section}.{key}", getattr(getattr(cfg, section), key),
+                     choices() if callable(choices) else choices)
     if not cfg.fit.hidden or min(cfg.fit.hidden) < 1:
         raise UsageError(f"fit.hidden must be a non-empty list of positive sizes, got {cfg.fit.hidden}")
-    if cfg.tokenize.num_codes + 1 + 10 > 65536:
-        raise UsageError("tokenize.num_codes is too large")
+    check_vocab_size(cfg.tokenize.num_codes, 1)  # the class count comes with the data: checked again at tokenize
     if cfg.tokenize.offsets != "none" and cfg.fit.init != "shared":
         raise UsageError(f"tokenize.offsets = {cfg.tokenize.offsets} needs fit.init = shared: random-init fields have "
                          "no shared anchor to take offsets from (use tokenize.offsets = none)")
     # Sampling values are checked here too, so a bad --temperature/--top-p/--top-k is refused before
-    # config.json is saved and before `sample` clears its old outputs (sample.check_sampling rechecks).
+    # config.json is saved and before `sample` clears its old outputs (`sample` and `tune` call the same check).
     s = cfg.sample
-    if not (math.isfinite(s.temperature) and s.temperature >= 0):
-        raise UsageError(f"sample.temperature must be a finite number >= 0, got {s.temperature}")
-    if not 0 < s.top_p <= 1:
-        raise UsageError(f"sample.top_p must be in (0, 1], got {s.top_p}")
-    if not 0 <= s.min_p < 1:  # also refuses NaN
-        raise UsageError(f"sample.min_p must be in [0, 1) (0 is off), got {s.min_p}")
+    check_sampling(s.temperature, s.top_k, s.top_p, cfg.tokenize.num_codes, s.guidance, s.min_p,
+                   prefix="sample.", num_codes_name="tokenize.num_codes")
     unknown = [k for k in s.explicit if k not in _sampling_keys()]
     if unknown:
         raise UsageError(f"sample.explicit lists {', '.join(unknown)}: not a sampling key "
                          f"({', '.join(_sampling_keys())})")
     for m in cfg.tune.min_ps:
-        if not 0 <= m < 1:
-            raise UsageError(f"tune.min_ps must be in [0, 1) (0 is off), got {m}")
-    if s.top_k > cfg.tokenize.num_codes:
-        raise UsageError(f"sample.top_k must be 0 (off) or at most tokenize.num_codes = {cfg.tokenize.num_codes}, "
-                         f"got {s.top_k}")
+        check_min_p(m, "tune.min_ps")
     t = cfg.train
     if not 0 <= t.p_uncond <= 1:  # also refuses NaN
         raise UsageError(f"train.p_uncond must be in [0, 1], got {t.p_uncond}")
-    if not (math.isfinite(s.guidance) and s.guidance >= 0):
-        raise UsageError(f"sample.guidance must be a finite number >= 0, got {s.guidance}")
     # Guidance mixes class and null-class predictions: only a model that learned both can give them
     # (sample.check_guidance rechecks against the checkpoint's own config).
     if s.guidance != 1 and t.model == "gpt" and (t.conditioning != "class" or t.p_uncond == 0):

@@ -235,7 +235,10 @@ def _load_npz(path: Path, name: str) -> Dataset:
         raise DataError(f"{path}: images have dtype {images.dtype}; expected uint8 (0..255) or float in [0, 1]")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{path}: labels have dtype {labels.dtype}; expected integers")
-    return Dataset(pixels, torch.from_numpy(labels.astype(np.int64)), name, NUM_CLASSES)
+    # The classes are 0..K-1 for the K distinct labels present (a class without images could not be split), so a
+    # 3-class archive gets 3 class tokens, not MNIST's 10; a gap in the numbering fails Dataset's range check.
+    num_classes = len(np.unique(labels)) if labels.size else NUM_CLASSES
+    return Dataset(pixels, torch.from_numpy(labels.astype(np.int64)), name, num_classes)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -25,23 +25,10 @@ import math
 
 import torch
 
+from .config import check_sampling  # noqa: F401  (the one sampling check; sample, tune and api import it from here)
 from .errors import UsageError
 from .model import GPT, KVCache
 from .tokenizer import Vocab
-
-
-def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
-                   min_p: float = 0.0) -> None:
-    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise UsageError(f"guidance must be a finite number >= 0, got {guidance}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise UsageError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not (0 < top_p <= 1):
-        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k != 0 and not (1 <= top_k <= num_codes):
-        raise UsageError(f"top_k must be 0 (off) or between 1 and {num_codes}, got {top_k}")
-    if not (isinstance(min_p, (int, float)) and 0 <= min_p < 1):  # also refuses NaN
-        raise UsageError(f"min_p must be in [0, 1) (0 is off), got {min_p}")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

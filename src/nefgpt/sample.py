@@ -99,16 +99,40 @@ def load_checked_model(run_dir: Path, vocab: Vocab, spec: field.FieldSpec, tok_i
     return model, ckpt
 
 
-def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
-    tok = load_tokenizer(run_dir / TOKENIZER_FILE)
-    vocab, spec, tok_id = tok.vocab, tok.spec, tok.id
+def sample_tokens(model: GPT, vocab: Vocab, num_weights: int, labels: torch.Tensor, setting: dict, seed: int,
+                  batch_size: int, conditioned: bool = True, progress: bool = False) -> torch.Tensor:
+    """Code tokens (N, num_weights) for the per-field labels (N,), with the sampling `setting`
+    ({temperature, top_k, top_p, min_p, guidance}, already checked).
+
+    The one sampling loop of the `sample` stage and of nefgpt.api: one generator seeded once, then the labels in
+    order in batches of `batch_size`. Which random draws a field gets depends on all three, so the same labels,
+    seed and batch size give the same fields whichever of the two calls it.
+    """
+    # An unconditional model decodes the null class; its labels only number the slots.
+    conditions = labels if conditioned else torch.full_like(labels, -1)
+    gen = torch.Generator().manual_seed(seed)
+    chunks = []
+    for batch in tqdm(conditions.split(batch_size), desc="sample", disable=not progress):
+        chunks.append(generate(model, batch, vocab, num_weights, setting["temperature"], setting["top_k"],
+                               setting["top_p"], gen, guidance=setting["guidance"], min_p=setting["min_p"]).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, num_weights, dtype=torch.long)
+
+
+def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleConfig, labels: list[int] | None,
+         where: str, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(tokens (N, num_weights), labels (N,), conditioned): cfg.n_per_class fields for each of `labels`
+    (None: every class), in that order, as the `sample` stage draws them.
+
+    The one place that lays out the labels, seeds the generator (cfg.seed) and batches generation
+    (cfg.batch_size: the batching decides which random draws each field gets), so the stage and
+    nefgpt.api give the same tokens for the same labels, seed and setting. `trained` is the checkpoint's
+    train config and `where` names the checkpoint in messages.
+    """
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p)
-    model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
-    trained = trained_config(ckpt)
-    check_guidance(cfg.guidance, trained, str(run_dir / CKPT_FILE))
+    check_guidance(cfg.guidance, trained, where)
     conditioned = trained.get("conditioning", "class") == "class"
     if labels and not conditioned:
-        raise UsageError(f"{run_dir / CKPT_FILE} is an unconditional model (train.conditioning = none): "
+        raise UsageError(f"{where} is an unconditional model (train.conditioning = none): "
                          "it cannot sample chosen classes; leave out --label")
     classes = list(range(vocab.num_classes)) if labels is None else labels
     for c in classes:
@@ -119,14 +143,24 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     all_labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(cfg.n_per_class)
     conditions = all_labels if conditioned else torch.full_like(all_labels, -1)
     gen = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    chunks = []
+    chunks = [torch.zeros(0, num_weights, dtype=torch.long)]  # so that no labels give (0, num_weights)
     for batch in tqdm(conditions.split(cfg.batch_size), desc="sample", disable=not progress):
-        chunks.append(generate(model, batch, vocab, spec.num_params, cfg.temperature, cfg.top_k, cfg.top_p, gen,
+        chunks.append(generate(model, batch, vocab, num_weights, cfg.temperature, cfg.top_k, cfg.top_p, gen,
                                guidance=cfg.guidance, min_p=cfg.min_p).cpu())
-    tokens = torch.cat(chunks)
+    return torch.cat(chunks), all_labels, conditioned
+
+
+def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
+    tok = load_tokenizer(run_dir / TOKENIZER_FILE)
+    vocab, spec, tok_id = tok.vocab, tok.spec, tok.id
+    # Checked before the model loads too (draw checks again), so a bad setting is refused first.
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p)
+    model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
+    t0 = time.perf_counter()
+    tokens, all_labels, conditioned = draw(model, vocab, spec.num_params, trained_config(ckpt), cfg, labels,
+                                           str(run_dir / CKPT_FILE), progress)
     meta = {"tokenizer_id": tok_id, "sampling": vars(cfg).copy(), "conditioned": conditioned,
-            "seconds_per_field": (time.perf_counter() - t0) / len(all_labels)}
+            "seconds_per_field": (time.perf_counter() - t0) / max(len(all_labels), 1)}
     save_samples(run_dir, spec, tok.decode(tokens), all_labels, meta,
                  extra={"tokens": tokens.to(torch.int16)}, per_row=min(cfg.n_per_class, 10))
     return {"n": len(all_labels), "sampling": vars(cfg).copy(), "conditioned": conditioned}

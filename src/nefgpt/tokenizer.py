@@ -25,7 +25,7 @@ import torch
 
 from . import field
 from .artifacts import load_tensors, save_json, save_tensors
-from .config import TokenizerConfig
+from .config import TokenizerConfig, check_vocab_size
 from .errors import ArtifactError, UsageError
 from .field import FieldSpec
 from .fit import load_nefs
@@ -222,6 +222,7 @@ def offset_frame(mode: str, train_weights: torch.Tensor, anchor: torch.Tensor | 
 def learn_tokenizer(train_weights: torch.Tensor, spec: FieldSpec, cfg: TokenizerConfig, num_classes: int,
                     anchor: torch.Tensor | None = None) -> tuple[Tokenizer, dict]:
     """The tokenizer of `cfg` learned on the training fields (B, num_params); `anchor` is the shared init field."""
+    check_vocab_size(cfg.num_codes, num_classes)  # the class count of this run's data
     reference, scale = offset_frame(cfg.offsets, train_weights, anchor, spec)
     vocab = Vocab(cfg.num_codes, num_classes)
     frame = Tokenizer(torch.zeros(cfg.num_codes), vocab, spec, cfg.offsets, reference, scale)

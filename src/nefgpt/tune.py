@@ -22,6 +22,7 @@ and ``tune_heatmap.png``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from . import field, metrics
 from .artifacts import load_json, save_json, write_bytes
 from .classifier import get_classifier, score_images
-from .config import RunConfig, TuneConfig
+from .config import RunConfig, TuneConfig, check_choice
 from .errors import ArtifactError, UsageError
 from .figures import save_tune_heatmap
 from .fit import load_nefs
@@ -93,13 +94,27 @@ def load_best_setting(run_dir: Path) -> dict:
         raise ArtifactError(f"{path}: no valid 'best' sampling setting; rerun `nefgpt tune --force`") from None
 
 
+def sampling_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """The config with the tuned sampling setting filled in, when the run has one and may use it.
+
+    Keys in ``sample.explicit`` (given by hand) keep their value; the tuned setting fills in the others.
+    The `sample` stage and nefgpt.api both sample with it.
+    """
+    if cfg.train.model != "gpt" or not cfg.sample.use_tuned or not (run_dir / TUNE_FILE).exists():
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    for key, value in load_best_setting(run_dir).items():
+        if key not in cfg.sample.explicit:
+            setattr(cfg.sample, key, value)
+    return cfg
+
+
 def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     """The settings to try, in the order they are tried; each is checked before any sampling starts."""
     for name in ("temperatures", "top_ks", "top_ps", "min_ps", "guidances"):
         if not getattr(cfg, name):
             raise UsageError(f"tune.{name} must list at least one value")
-    if cfg.objective not in OBJECTIVES:
-        raise UsageError(f"tune.objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    check_choice("tune.objective", cfg.objective, OBJECTIVES)
     if cfg.search not in ("grid", "random"):
         raise UsageError(f"tune.search must be grid or random, got {cfg.search!r}")
     if not 0 <= cfg.min_accuracy <= 1:
@@ -132,8 +147,7 @@ def choose_best(rows: list[dict], objective: str, min_accuracy: float) -> tuple[
     Among eligible rows the objective decides, then higher accuracy, then the
     earlier row. With no eligible row the most accurate one wins.
     """
-    if objective not in OBJECTIVES:
-        raise UsageError(f"tune.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    check_choice("tune.objective", objective, OBJECTIVES)
     eligible = [i for i, r in enumerate(rows) if r["accuracy"] >= min_accuracy]
     if not eligible:
         return min(range(len(rows)), key=lambda i: (-rows[i]["accuracy"], i)), False

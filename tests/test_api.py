@@ -1,0 +1,99 @@
+"""The public Python API (nefgpt.load / nefgpt.load_pretrained): offline sampling that matches the CLI."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+
+import nefgpt
+from nefgpt import cli
+from nefgpt.artifacts import load_tensors
+from nefgpt.errors import ArtifactError, NefgptError, UsageError
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return nefgpt.load_pretrained("mnist")
+
+
+def test_load_pretrained_offline(gen):
+    assert isinstance(gen, nefgpt.Generator)
+    assert gen.num_classes == 10
+    # The tuned setting of the shipped model's tune.json is the default.
+    assert set(gen.setting) == {"temperature", "top_k", "top_p", "min_p", "guidance"}
+    assert gen.setting == nefgpt.api.tune.load_best_setting(gen.run_dir)
+
+
+def test_sample_shapes_labels_and_render(gen):
+    fields = gen.sample(labels=[7] * 3 + [2], seed=0)
+    assert isinstance(fields, nefgpt.Fields) and len(fields) == 4
+    assert fields.weights.shape == (4, gen.spec.num_params) == (4, 561)
+    assert fields.weights.dtype == torch.float32 and torch.isfinite(fields.weights).all()
+    assert fields.labels.tolist() == [7, 7, 7, 2]
+    assert fields.spec == gen.spec
+    images = fields.render(res=32)
+    assert images.shape == (4, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_same_seed_same_fields_other_seed_others(gen):
+    a = gen.sample(labels=[3, 5], seed=1)
+    b = gen.sample(labels=[3, 5], seed=1)
+    c = gen.sample(labels=[3, 5], seed=2)
+    assert torch.equal(a.weights, b.weights)
+    assert not torch.equal(a.weights, c.weights)
+
+
+def test_api_matches_the_cli_sample_command(gen, tmp_path):
+    out = tmp_path / "p"
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:
+        rc = cli.main(["sample", "--pretrained", "mnist", "--out", str(out), "--label", "7", "-n", "4",
+                       "--seed", "0", "--quiet"])
+    assert rc == 0, err.getvalue()
+    tensors, meta = load_tensors(out / "samples.safetensors")
+    # `--label 7 -n 4` samples class 7 four times, in that order, like labels=[7] * 4.
+    assert tensors["labels"].tolist() == [7] * 4
+    fields = gen.sample(labels=[7] * 4, seed=0)
+    assert torch.equal(fields.weights, tensors["weights"])
+    assert {k: meta["sampling"][k] for k in gen.setting} == gen.setting
+
+
+def test_explicit_override_changes_the_setting(gen):
+    default = gen.sample(labels=[1, 1], seed=0)
+    hotter = gen.sample(labels=[1, 1], seed=0, temperature=0.5)
+    assert hotter.setting == {**gen.setting, "temperature": 0.5}
+    assert default.setting == gen.setting and gen.setting["temperature"] != 0.5
+    assert not torch.equal(default.weights, hotter.weights)
+
+
+def test_load_a_run_directory_reads_it_in_place(gen):
+    again = nefgpt.load(gen.run_dir)
+    assert torch.equal(again.sample(labels=[0], seed=4).weights, gen.sample(labels=[0], seed=4).weights)
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda g: nefgpt.load_pretrained("nope"), UsageError, ("no pretrained model 'nope'", "mnist")),
+    (lambda g: g.sample(labels=[10]), UsageError, ("label 10", "0..9")),
+    (lambda g: g.sample(labels=[-1]), UsageError, ("label -1",)),
+    (lambda g: g.sample(labels=[1.5]), UsageError, ("not an integer",)),
+    (lambda g: g.sample(labels=[]), UsageError, ("empty",)),
+    (lambda g: g.sample(labels=[1], temprature=0.5), UsageError, ("temprature",)),
+    (lambda g: g.sample(labels=[1], top_p=0), UsageError, ("top_p",)),
+])
+def test_clear_errors(gen, call, error, words):
+    with pytest.raises(error) as info:
+        call(gen)
+    assert isinstance(info.value, NefgptError)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_missing_or_untrained_run_directory(tmp_path):
+    with pytest.raises(ArtifactError, match="run directory not found"):
+        nefgpt.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="not a trained GPT run"):
+        nefgpt.load(tmp_path / "empty")

@@ -1,0 +1,73 @@
+"""A dataset with 3 classes, not MNIST's 10, goes through the whole pipeline (`nefgpt run`)."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+
+from conftest import synthetic_digits
+from nefgpt.artifacts import load_tensors
+from nefgpt.cli import main
+from nefgpt.tokenizer import load_tokenizer
+
+NUM_CLASSES = 3
+
+
+def fast_settings(npz) -> list[str]:
+    # The fastest end-to-end settings of tests/test_cli.py (toy_settings), with the budgets spelled out.
+    sets = [
+        f"data.dataset=npz:{npz}", "data.heldout_per_class=2", "data.tune_per_class=1",
+        "fit.steps=10", "fit.anchor_steps=20",
+        "tokenize.max_iters=10",
+        "train.max_iters=6", "train.n_layer=1", "train.n_embd=32", "train.n_head=2", "train.batch_size=8",
+        "train.warmup_iters=2", "train.eval_interval=3", "train.ckpt_interval=3", "train.max_minutes=0",
+        "tune.temperatures=[1.0]", "tune.top_ks=[0, 3]", "tune.top_ps=[1.0]", "tune.min_ps=[0.0]",
+        "tune.n_per_class=1", "tune.objective=nna_gap", "tune.max_minutes=0",
+        "sample.n_per_class=2",
+        "evaluate.classifier_epochs=1",
+    ]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def test_three_class_dataset_runs_end_to_end(tmp_path):
+    # synthetic_digits draws classes 0..num_classes-1: labels 0, 1, 2 only.
+    images, labels = synthetic_digits(per_class=6, num_classes=NUM_CLASSES)
+    npz = tmp_path / "three.npz"
+    np.savez(npz, images=images, labels=labels)
+    run = tmp_path / "run"
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main([str(a) for a in ["run", "--out", run, "--quiet", *fast_settings(npz)]])
+    assert rc == 0, err.getvalue()
+
+    vocab = load_tokenizer(run / "tokenizer.safetensors").vocab
+    assert vocab.num_classes == NUM_CLASSES
+    assert json.loads((run / "split.json").read_text())["num_classes"] == NUM_CLASSES
+
+    tensors, _ = load_tensors(run / "samples.safetensors")
+    sampled = tensors["labels"]
+    assert sampled.min() >= 0 and sampled.max() < NUM_CLASSES
+    assert sorted(set(sampled.tolist())) == list(range(NUM_CLASSES))
+
+    metrics_path = run / "metrics.json"
+    assert metrics_path.exists()
+    metrics = json.loads(metrics_path.read_text())
+    # Wherever the metrics break results down by class, they name exactly the 3 classes.
+    per_class = list(_per_class_tables(metrics))
+    assert per_class, "metrics.json records no per-class results"
+    for where, table in per_class:
+        assert len(table) == NUM_CLASSES, (where, table)
+
+
+def _per_class_tables(node, where="metrics"):
+    """(path, value) of every per-class entry (a key containing 'per_class') and of every confusion matrix."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{where}.{key}"
+            if ("per_class" in key or key == "confusion") and isinstance(value, (dict, list)):
+                yield path, value
+            else:
+                yield from _per_class_tables(value, path)
