@@ -12,6 +12,7 @@ import nefgpt
 from nefgpt import cli
 from nefgpt.artifacts import load_tensors
 from nefgpt.errors import ArtifactError, NefgptError, UsageError
+from nefgpt.tune import load_best_setting
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_load_pretrained_offline(gen):
     assert gen.num_classes == 10
     # The tuned setting of the shipped model's tune.json is the default.
     assert set(gen.setting) == {"temperature", "top_k", "top_p", "min_p", "guidance"}
-    assert gen.setting == nefgpt.api.tune.load_best_setting(gen.run_dir)
+    assert gen.setting == load_best_setting(gen.run_dir)
 
 
 def test_sample_shapes_labels_and_render(gen):
@@ -37,6 +38,12 @@ def test_sample_shapes_labels_and_render(gen):
     images = fields.render(res=32)
     assert images.shape == (4, 32, 32) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1
+
+
+def test_no_labels_samples_every_class(gen):
+    fields = gen.sample(n_per_class=1, seed=0)
+    assert fields.labels.tolist() == list(range(gen.num_classes))
+    assert fields.tokens.shape == fields.weights.shape and fields.tokens.dtype == torch.long
 
 
 def test_same_seed_same_fields_other_seed_others(gen):
@@ -80,20 +87,35 @@ def test_load_a_run_directory_reads_it_in_place(gen):
     (lambda g: g.sample(labels=[-1]), UsageError, ("label -1",)),
     (lambda g: g.sample(labels=[1.5]), UsageError, ("not an integer",)),
     (lambda g: g.sample(labels=[]), UsageError, ("empty",)),
-    (lambda g: g.sample(labels=[1], temprature=0.5), UsageError, ("temprature",)),
+    (lambda g: g.sample(labels=7), UsageError, ("list of class indices",)),
+    (lambda g: g.sample(labels=[1], top_k=2.5), UsageError, ("top_k",)),
+    (lambda g: g.sample(labels=[1], temperature=-1), UsageError, ("temperature",)),
+    (lambda g: g.sample(n_per_class=0), UsageError, ("n_per_class",)),
+    (lambda g: g.sample(labels=[1], seed=1.5), UsageError, ("seed",)),
+    (lambda g: g.sample(labels=[1], guidance=2.0, batch_size=0), UsageError, ("batch_size",)),
+    (lambda g: g.sample(labels=[1]).render(res=0), UsageError, ("res",)),
     (lambda g: g.sample(labels=[1], top_p=0), UsageError, ("top_p",)),
 ])
 def test_clear_errors(gen, call, error, words):
     with pytest.raises(error) as info:
         call(gen)
     assert isinstance(info.value, NefgptError)
+    message = str(info.value)
+    assert "\n" not in message  # one line, as the CLI prints it
     for w in words:
-        assert w in str(info.value)
+        assert w in message, (w, message)
+
+
+def test_unknown_keyword_is_a_type_error(gen):
+    # The overrides are real keyword parameters (completion and help work in notebooks), so a typo is Python's
+    # usual TypeError naming it.
+    with pytest.raises(TypeError, match="temprature"):
+        gen.sample(labels=[1], temprature=0.5)
 
 
 def test_missing_or_untrained_run_directory(tmp_path):
     with pytest.raises(ArtifactError, match="run directory not found"):
         nefgpt.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ArtifactError, match="not a trained GPT run"):
+    with pytest.raises(ArtifactError, match="tokenizer.safetensors: file not found; run `nefgpt tokenize"):
         nefgpt.load(tmp_path / "empty")

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from nefgpt.artifacts import load_checkpoint, load_tensors
+from nefgpt import trainer
 from nefgpt.baselines import diffusion, gaussian, marginals
 from nefgpt.baselines.common import load_fields
 from nefgpt.cli import main
 from nefgpt.config import RunConfig, apply_overrides
-from nefgpt.train import LOG_COLUMNS
+from nefgpt.trainer import LOG_COLUMNS
 
 TOY = [
     "data.heldout_per_class=2", "data.tune_per_class=1", "fit.steps=10", "fit.anchor_steps=20",
@@ -280,7 +281,7 @@ def test_marginals_refuses_counts_of_another_tokenizer(fitted, tmp_path):
 # ---------------------------------------------------------------- diffusion
 
 
-def test_forward_noising_and_x0_from_eps_agree():
+def test_forward_noising_and_eps_from_x0_agree():
     ab = diffusion.cosine_alpha_bar(1000)
     assert ab.shape == (1000,) and bool((ab[1:] < ab[:-1]).all())
     assert 0.999 < float(ab[0]) < 1 and float(ab[-1]) < 1e-4
@@ -290,8 +291,6 @@ def test_forward_noising_and_x0_from_eps_agree():
     x_t = diffusion.q_sample(x0, t, eps, ab)
     a = ab[t].float()[:, None]
     torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps)
-    keep = t < 990  # at the very end of the schedule x0 is (almost) not in x_t any more
-    torch.testing.assert_close(diffusion.x0_from_eps(x_t, t, eps, ab)[keep], x0[keep], atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(diffusion.eps_from_x0(x_t, t, x0, ab), eps, atol=1e-4, rtol=1e-4)
 
 
@@ -371,14 +370,14 @@ def test_diffusion_trains_samples_reloads_and_is_scored(fitted, tmp_path):
 def test_diffusion_resume_matches_one_run(fitted, tmp_path, monkeypatch):
     run = run_copy(fitted, tmp_path)
     cfg = apply_overrides(config_of(run), [*TINY_DIFFUSION, "diffusion.max_iters=20", "diffusion.p_uncond=0.3"])
-    save = diffusion.save_checkpoint
+    save = trainer.save_checkpoint
 
     def keep_iteration_10(path, ckpt):  # the state a run killed after iteration 10 would leave
         save(path, ckpt)
         if ckpt["iter_num"] == 10:
             shutil.copy(path, tmp_path / "ckpt10.pt")
 
-    monkeypatch.setattr(diffusion, "save_checkpoint", keep_iteration_10)
+    monkeypatch.setattr(trainer, "save_checkpoint", keep_iteration_10)
     diffusion.train(cfg, run, progress=False)
     whole = load_checkpoint(run / "ckpt.pt")
     shutil.copy(tmp_path / "ckpt10.pt", run / "ckpt.pt")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nefgpt import train
+from nefgpt import checkpoint, layout, train
 from test_train import cfg, make_run, read_log
 
 WRAPPER = textwrap.dedent('''
@@ -77,15 +77,15 @@ def test_two_processes_train_like_one(tmp_path):
     assert set(hashes) == {"rank0", "rank1"} and hashes["rank0"] == hashes["rank1"]
 
     # The checkpoint loads, and matches the one-process run up to the order of float reductions.
-    model, ckpt = train.load_model(ddp)
-    ref, _ = train.load_model(single)
+    model, ckpt = checkpoint.load_model(ddp)
+    ref, _ = checkpoint.load_model(single)
     assert ckpt["iter_num"] == 12
     for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=name)
-    summary = json.loads((ddp / train.SUMMARY_FILE).read_text())
+    summary = json.loads((ddp / layout.SUMMARY_FILE).read_text())
     assert summary["processes"] == 2
     # Rank 0 alone logs: each evaluation once; the logged loss is the global batch's, as in one process.
-    log, ref_log = read_log(ddp / train.LOG_FILE), read_log(single / train.LOG_FILE)
+    log, ref_log = read_log(ddp / layout.LOG_FILE), read_log(single / layout.LOG_FILE)
     assert [r["iter"] for r in log] == [r["iter"] for r in ref_log] == ["4", "6", "8", "12"]
     for a, b in zip(log, ref_log):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), abs=1e-4)

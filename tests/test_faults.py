@@ -337,7 +337,7 @@ def test_sigterm_in_a_stage_unwinds_removes_its_temp_file_and_releases_the_lock(
 
 
 def test_deferred_signals_record_the_signal_and_keep_ignored_ones_ignored():
-    from nefgpt.train import deferred_signals
+    from nefgpt.trainer import deferred_signals
 
     got = []
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

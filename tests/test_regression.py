@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from nefgpt.artifacts import load_tensors, save_checkpoint
 from nefgpt.baselines import regression as reg
 from nefgpt.cli import main
 from nefgpt.errors import ArtifactError, UsageError
+from nefgpt.trainer import LOG_COLUMNS
 
 SETTINGS = [
     "data.heldout_per_class=2", "data.tune_per_class=1",
@@ -106,7 +108,7 @@ def test_training_lowers_the_loss_and_writes_artifacts(trained):
     assert summary["iterations"] == 60 and summary["num_params"] == fresh.num_params()
     assert json.loads((run / "train.json").read_text())["val_loss"] == summary["val_loss"]
     log = (run / "train_log.csv").read_text().splitlines()
-    assert log[0] == ",".join(reg.gpt_train.LOG_COLUMNS)
+    assert log[0] == ",".join(LOG_COLUMNS)
     assert [row.split(",")[0] for row in log[1:]] == ["15", "30", "45", "60"]
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
@@ -217,3 +219,94 @@ def test_cli_run_end_to_end(fitted, tmp_path):
     assert meta["model"] == "regression" and labels.tolist() == [c for c in range(10) for _ in range(3)]
     assert torch.load(run / "ckpt.pt", weights_only=True)["model_type"] == "regression"
     assert "[tune] skipped" in err
+
+
+# --- Resume and interrupts: the shared training loop (nefgpt.trainer) -----------------------------------------
+
+EXACT = ("train.max_iters=12", "train.eval_interval=3", "train.ckpt_interval=4", "train.p_uncond=0.3",
+         "train.dropout=0.1", "train.max_minutes=0")  # class dropout and dropout: both must replay on resume
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    ca, cb = (torch.load(r / "ckpt.pt", weights_only=True) for r in (a, b))
+    assert ca["iter_num"] == cb["iter_num"] == 12
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for name in sa[k]:
+            assert torch.equal(sa[k][name], sb[k][name]), (k, name)
+    assert ca["best_val_loss"] == cb["best_val_loss"]
+    cols = slice(0, 4)  # iter, lr, train_loss, val_loss (not the timings)
+    la, lb = ([row.split(",")[cols] for row in (r / "train_log.csv").read_text().splitlines()] for r in (a, b))
+    assert la == lb and [row[0] for row in la[1:]] == ["3", "6", "9", "12"]
+    ja, jb = (json.loads((r / "train.json").read_text()) for r in (a, b))
+    assert (ja["val_loss"], ja["train_loss"], ja["iterations"]) == (jb["val_loss"], jb["train_loss"], jb["iterations"])
+
+
+@pytest.fixture(scope="module")
+def whole_run(fitted, tmp_path_factory):
+    """`fitted` trained 12 iterations in one go, keeping a copy of the checkpoint of iteration 4."""
+    from nefgpt import trainer
+
+    run = tmp_path_factory.mktemp("whole") / "run"
+    shutil.copytree(fitted["run"], run)
+    save = trainer.save_checkpoint
+    kept = run.parent / "ckpt4.pt"
+
+    def keep_iteration_4(path, ckpt):  # the state a run killed after iteration 4 would leave
+        save(path, ckpt)
+        if ckpt["iter_num"] == 4:
+            shutil.copy(path, kept)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(trainer, "save_checkpoint", keep_iteration_4)
+    try:
+        reg.train(make_cfg(fitted["npz"], *EXACT), run, progress=False)
+    finally:
+        mp.undo()
+    return {"run": run, "ckpt4": kept}
+
+
+def test_resume_matches_one_run(fitted, whole_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(fitted["run"], run)
+    cfg = make_cfg(fitted["npz"], *EXACT)
+    shutil.copy(whole_run["ckpt4"], run / "ckpt.pt")
+    shutil.copy(whole_run["run"] / "train_log.csv", run)  # with rows after iteration 4, which the resume drops
+    reg.train(cfg, run, progress=False, resume=True)
+    assert_same_training(run, whole_run["run"])
+    # Other model settings, or other fields, are refused rather than resumed.
+    with pytest.raises(ArtifactError, match="model settings"):
+        reg.train(make_cfg(fitted["npz"], *EXACT, "train.n_embd=16"), run, progress=False, resume=True)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["model"]["mean"] = ckpt["model"]["mean"] + 1
+    save_checkpoint(run / "ckpt.pt", ckpt)
+    with pytest.raises(ArtifactError, match="other fields"):
+        reg.train(cfg, run, progress=False, resume=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_step_and_resume_matches_one_run(fitted, whole_run, tmp_path, monkeypatch, signum):
+    from nefgpt.trainer import TrainInterrupted
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted["run"], run)
+    cfg = make_cfg(fitted["npz"], *EXACT)
+    real = reg.batch_indices
+
+    def signalling(n, bs, iteration, seed):  # the signal arrives mid-step 6 (iterations count from 0)
+        if iteration == 5:
+            signal.raise_signal(signum)
+        return real(n, bs, iteration, seed)
+
+    with monkeypatch.context() as m:
+        m.setattr(reg, "batch_indices", signalling)
+        with pytest.raises(TrainInterrupted) as stop:
+            reg.train(cfg, run, progress=False)
+    assert stop.value.signum == signum and "iteration 6" in str(stop.value)
+    assert torch.load(run / "ckpt.pt", weights_only=True)["iter_num"] == 6  # the step it was in is completed
+    assert not (run / "train.json").exists()
+    reg.train(cfg, run, progress=False, resume=True)
+    assert_same_training(run, whole_run["run"])

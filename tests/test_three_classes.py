@@ -7,10 +7,14 @@ import json
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
+import pytest
+
+import nefgpt
 
 from conftest import synthetic_digits
 from nefgpt.artifacts import load_tensors
 from nefgpt.cli import main
+from nefgpt.errors import UsageError
 from nefgpt.tokenizer import load_tokenizer
 
 NUM_CLASSES = 3
@@ -44,7 +48,7 @@ def test_three_class_dataset_runs_end_to_end(tmp_path):
     assert rc == 0, err.getvalue()
 
     vocab = load_tokenizer(run / "tokenizer.safetensors").vocab
-    assert vocab.num_classes == NUM_CLASSES
+    assert vocab.num_classes == NUM_CLASSES and vocab.size == vocab.num_codes + 1 + NUM_CLASSES  # codes, SOS, C(0..2)
     assert json.loads((run / "split.json").read_text())["num_classes"] == NUM_CLASSES
 
     tensors, _ = load_tensors(run / "samples.safetensors")
@@ -52,6 +56,14 @@ def test_three_class_dataset_runs_end_to_end(tmp_path):
     assert sampled.min() >= 0 and sampled.max() < NUM_CLASSES
     assert sorted(set(sampled.tolist())) == list(range(NUM_CLASSES))
 
+    # The Python API reads the same run: 3 classes, and a 4th is refused.
+    gen = nefgpt.load(run)
+    assert gen.num_classes == NUM_CLASSES
+    assert gen.sample(labels=[2, 0], seed=0).labels.tolist() == [2, 0]
+    with pytest.raises(UsageError, match=r"label 3 .*0\.\.2"):
+        gen.sample(labels=[3])
+
+    assert (run / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics_path = run / "metrics.json"
     assert metrics_path.exists()
     metrics = json.loads(metrics_path.read_text())

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nefgpt import distributed, train
+from nefgpt import checkpoint, distributed, layout, train, trainer
 from nefgpt.artifacts import save_json, save_tensors
 from nefgpt.config import RunConfig, TrainConfig, apply_overrides
 from nefgpt.errors import ArtifactError, NefgptError, UsageError
@@ -69,32 +69,32 @@ def test_batch_indices_are_deterministic_and_cover_each_epoch():
     n, bs = 23, 5
     per_epoch = n // bs  # 4 batches; the last partial batch is dropped
     for epoch in range(3):
-        batches = [train.batch_indices(n, bs, epoch * per_epoch + j, seed=1) for j in range(per_epoch)]
+        batches = [trainer.batch_indices(n, bs, epoch * per_epoch + j, seed=1) for j in range(per_epoch)]
         assert all(len(b) == bs for b in batches)
         seen = torch.cat(batches)
         assert len(torch.unique(seen)) == per_epoch * bs  # no index twice within an epoch
         assert int(seen.max()) < n and int(seen.min()) >= 0
-    assert torch.equal(train.batch_indices(n, bs, 6, seed=1), train.batch_indices(n, bs, 6, seed=1))
-    assert not torch.equal(train.batch_indices(n, bs, 0, seed=1), train.batch_indices(n, bs, 4, seed=1))  # new epoch
-    assert not torch.equal(train.batch_indices(n, bs, 0, seed=1), train.batch_indices(n, bs, 0, seed=2))
+    assert torch.equal(trainer.batch_indices(n, bs, 6, seed=1), trainer.batch_indices(n, bs, 6, seed=1))
+    assert not torch.equal(trainer.batch_indices(n, bs, 0, seed=1), trainer.batch_indices(n, bs, 4, seed=1))  # new epoch
+    assert not torch.equal(trainer.batch_indices(n, bs, 0, seed=1), trainer.batch_indices(n, bs, 0, seed=2))
     # Over many epochs every example is drawn.
-    drawn = torch.cat([train.batch_indices(n, bs, it, seed=1) for it in range(40)])
+    drawn = torch.cat([trainer.batch_indices(n, bs, it, seed=1) for it in range(40)])
     assert len(torch.unique(drawn)) == n
     # Fewer examples than a batch: the whole set, shuffled.
-    small = train.batch_indices(3, 8, 0, seed=0)
+    small = trainer.batch_indices(3, 8, 0, seed=0)
     assert sorted(small.tolist()) == [0, 1, 2]
 
 
 def test_lr_schedule_warmup_then_cosine():
     cfg = TrainConfig(lr=1e-2, warmup_iters=10, max_iters=110, min_lr_frac=0.1)
-    lrs = [train.lr_at(it, cfg) for it in range(130)]
+    lrs = [trainer.lr_at(it, cfg) for it in range(130)]
     assert lrs[0] == pytest.approx(1e-3)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear warmup ...
     assert lrs[9] == pytest.approx(1e-2) and lrs[10] == pytest.approx(1e-2)  # ... up to the peak
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # cosine decay
     assert lrs[60] == pytest.approx(1e-3 + 0.5 * (1e-2 - 1e-3))  # halfway: midpoint of peak and floor
     assert lrs[110] == pytest.approx(1e-3) and lrs[129] == pytest.approx(1e-3)  # floor afterwards
-    assert train.lr_at(0, TrainConfig(lr=1e-2, warmup_iters=0, max_iters=10)) == pytest.approx(1e-2)
+    assert trainer.lr_at(0, TrainConfig(lr=1e-2, warmup_iters=0, max_iters=10)) == pytest.approx(1e-2)
 
 
 def make_run(run: Path, n_per_class: int = 4, heldout_per_class: int = 1, seed: int = 0) -> str:
@@ -137,14 +137,12 @@ def test_run_train_lowers_the_loss(tmp_path):
     assert summary["train_loss"] < start - 0.5
     assert summary["val_loss"] < start - 0.5
     assert summary["iterations"] == 40 and summary["tokenizer_id"] == tid and summary["autocast"] == "fp32"
-    assert json.loads((run / train.SUMMARY_FILE).read_text()) == summary
+    assert json.loads((run / layout.SUMMARY_FILE).read_text()) == summary
 
-    log = read_log(run / train.LOG_FILE)
-    assert list(log[0]) == list(train.LOG_COLUMNS)
+    log = read_log(run / layout.LOG_FILE)
+    assert list(log[0]) == list(trainer.LOG_COLUMNS)
     assert [int(r["iter"]) for r in log] == [10, 20, 30, 40]
     assert float(log[-1]["val_loss"]) < float(log[0]["val_loss"])
-    assert train.train_done(run, c)
-    assert not train.train_done(run, cfg(max_iters=41))
 
 
 def test_checkpoint_is_a_weights_only_dict(tmp_path):
@@ -152,12 +150,12 @@ def test_checkpoint_is_a_weights_only_dict(tmp_path):
     tid = make_run(run)
     c = cfg(max_iters=3)
     train.run_train(c, run, progress=False)
-    ckpt = torch.load(run / train.CKPT_FILE, map_location="cpu", weights_only=True)
+    ckpt = torch.load(run / layout.CKPT_FILE, map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "tokenizer_id", "config"} <= set(ckpt)
     assert ckpt["iter_num"] == 3 and ckpt["tokenizer_id"] == tid
     assert ckpt["model_args"] == train.model_config(c, VOCAB, SPEC.num_params).to_dict()
     assert ckpt["model_args"]["block_size"] == SPEC.num_params + 2 and ckpt["model_args"]["vocab_size"] == 19
-    model, loaded = train.load_model(run)
+    model, loaded = checkpoint.load_model(run)
     assert not model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt["model"][k])
@@ -178,7 +176,7 @@ def interrupted_then_resumed(run: Path, c: TrainConfig, crash_at: int, monkeypat
         m.setattr(train, "batch_indices", crashing)
         with pytest.raises(Crash):
             train.run_train(c, run, progress=False)
-    ckpt = torch.load(run / train.CKPT_FILE, weights_only=True)
+    ckpt = torch.load(run / layout.CKPT_FILE, weights_only=True)
     assert ckpt["iter_num"] == (crash_at // c.ckpt_interval) * c.ckpt_interval
     train.run_train(c, run, resume=True, progress=False)
 
@@ -192,8 +190,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, 
     train.run_train(c, whole, progress=False)
     interrupted_then_resumed(part, c, crash_at=7, monkeypatch=monkeypatch)  # checkpoint at 6, crash at 7
 
-    a = torch.load(whole / train.CKPT_FILE, weights_only=True)
-    b = torch.load(part / train.CKPT_FILE, weights_only=True)
+    a = torch.load(whole / layout.CKPT_FILE, weights_only=True)
+    b = torch.load(part / layout.CKPT_FILE, weights_only=True)
     assert a["iter_num"] == b["iter_num"] == 12
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -206,8 +204,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, 
 
     # The log of the resumed run has each evaluation once, with the same numbers.
     cols = ("iter", "lr", "train_loss", "val_loss")
-    la = [[r[c] for c in cols] for r in read_log(whole / train.LOG_FILE)]
-    lb = [[r[c] for c in cols] for r in read_log(part / train.LOG_FILE)]
+    la = [[r[c] for c in cols] for r in read_log(whole / layout.LOG_FILE)]
+    lb = [[r[c] for c in cols] for r in read_log(part / layout.LOG_FILE)]
     assert la == lb and [int(r[0]) for r in la] == [4, 8, 12]
 
 
@@ -222,7 +220,7 @@ def test_existing_checkpoint_needs_resume(tmp_path):
         train.run_train(cfg(max_iters=6, n_embd=32), run, resume=True, progress=False)
     # Resuming with the same settings continues to the new end.
     train.run_train(cfg(max_iters=6), run, resume=True, progress=False)
-    assert torch.load(run / train.CKPT_FILE, weights_only=True)["iter_num"] == 6
+    assert torch.load(run / layout.CKPT_FILE, weights_only=True)["iter_num"] == 6
 
 
 def test_checkpoint_of_another_tokenizer_is_refused(tmp_path):
@@ -241,12 +239,12 @@ def test_checkpoint_of_another_tokenizer_is_refused(tmp_path):
 
 
 def test_load_model_refuses_a_checkpoint_without_a_model(tmp_path):
-    torch.save({"model": {"nope": torch.zeros(1)}, "model_args": {"n_layer": 1}}, tmp_path / train.CKPT_FILE)
+    torch.save({"model": {"nope": torch.zeros(1)}, "model_args": {"n_layer": 1}}, tmp_path / layout.CKPT_FILE)
     with pytest.raises(ArtifactError, match="ckpt.pt"):
-        train.load_model(tmp_path)
-    torch.save({"weights": torch.zeros(1)}, tmp_path / train.CKPT_FILE)
+        checkpoint.load_model(tmp_path)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / layout.CKPT_FILE)
     with pytest.raises(ArtifactError, match="ckpt.pt"):
-        train.load_model(tmp_path)
+        checkpoint.load_model(tmp_path)
 
 
 def test_null_class_dropout_is_seeded_per_iteration_and_shards_like_the_global_batch():
@@ -291,7 +289,7 @@ def test_unconditional_training_sees_only_the_null_class(tmp_path, monkeypatch):
     summary = train.run_train(cfg(conditioning="none", max_iters=4), run, progress=False)
     assert summary["conditioning"] == "none" and summary["processes"] == 1
     assert len(seen) >= 4 and all((s == VOCAB.sos).all() for s in seen)  # training and held-out batches
-    assert torch.load(run / train.CKPT_FILE, weights_only=True)["config"]["conditioning"] == "none"
+    assert torch.load(run / layout.CKPT_FILE, weights_only=True)["config"]["conditioning"] == "none"
 
 
 def test_tensorboard_scalars_follow_the_csv_log_and_resume(tmp_path, monkeypatch):
@@ -305,14 +303,14 @@ def test_tensorboard_scalars_follow_the_csv_log_and_resume(tmp_path, monkeypatch
     train.run_train(c, whole, progress=False)
     interrupted_then_resumed(part, c, crash_at=7, monkeypatch=monkeypatch)  # events 7.. of the first try are purged
     for run in (whole, part):
-        acc = EventAccumulator(str(run / train.TB_DIR))
+        acc = EventAccumulator(str(run / layout.TB_DIR))
         acc.Reload()
         assert {"train/loss", "val/loss", "lr", "tokens_per_s"} <= set(acc.Tags()["scalars"])
         assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
-        log = read_log(run / train.LOG_FILE)
+        log = read_log(run / layout.LOG_FILE)
         assert [e.step for e in acc.Scalars("val/loss")] == [int(r["iter"]) for r in log]
         assert [round(e.value, 5) for e in acc.Scalars("val/loss")] == [float(r["val_loss"]) for r in log]
-    values = [[e.value for e in EventAccumulator(str(r / train.TB_DIR)).Reload().Scalars("train/loss")]
+    values = [[e.value for e in EventAccumulator(str(r / layout.TB_DIR)).Reload().Scalars("train/loss")]
               for r in (whole, part)]
     assert values[0] == values[1]
 
@@ -322,21 +320,21 @@ def test_without_tensorboard_only_the_csv_log_is_written(tmp_path, monkeypatch):
     run = tmp_path / "run"
     make_run(run)
     train.run_train(cfg(max_iters=4), run, progress=False)
-    assert not (run / train.TB_DIR).exists()
-    assert [int(r["iter"]) for r in read_log(run / train.LOG_FILE)] == [4]
+    assert not (run / layout.TB_DIR).exists()
+    assert [int(r["iter"]) for r in read_log(run / layout.LOG_FILE)] == [4]
 
 
 def test_lr_schedule_follows_the_faster_of_iterations_and_time():
     cfg = TrainConfig(lr=1e-2, warmup_iters=0, max_iters=1000, min_lr_frac=0.1, max_minutes=10.0)
     # Half the time used at 1 % of the iterations: the schedule is halfway, as at iteration 500 without a budget.
-    assert train.lr_at(10, cfg, elapsed_s=300.0) == pytest.approx(train.lr_at(500, TrainConfig(
+    assert trainer.lr_at(10, cfg, elapsed_s=300.0) == pytest.approx(trainer.lr_at(500, TrainConfig(
         lr=1e-2, warmup_iters=0, max_iters=1000, min_lr_frac=0.1)))
-    assert train.lr_at(10, cfg, elapsed_s=600.0) == pytest.approx(1e-3)  # the budget is spent: the floor
-    assert train.lr_at(900, cfg, elapsed_s=1.0) == train.lr_at(900, TrainConfig(
+    assert trainer.lr_at(10, cfg, elapsed_s=600.0) == pytest.approx(1e-3)  # the budget is spent: the floor
+    assert trainer.lr_at(900, cfg, elapsed_s=1.0) == trainer.lr_at(900, TrainConfig(
         lr=1e-2, warmup_iters=0, max_iters=1000, min_lr_frac=0.1))  # iterations ahead of time: they lead
     # Without a budget the schedule ignores the clock entirely (exact, reproducible runs).
     plain = TrainConfig(lr=1e-2, warmup_iters=0, max_iters=1000)
-    assert train.lr_at(10, plain, elapsed_s=1e9) == train.lr_at(10, plain)
+    assert trainer.lr_at(10, plain, elapsed_s=1e9) == trainer.lr_at(10, plain)
 
 
 def test_time_budget_stops_training_and_resume_keeps_the_budget(tmp_path, monkeypatch):
@@ -348,19 +346,19 @@ def test_time_budget_stops_training_and_resume_keeps_the_budget(tmp_path, monkey
         clock["t"] += 1.0
         return clock["t"]
 
-    monkeypatch.setattr(train.time, "time", fake_time)
+    monkeypatch.setattr(trainer.time, "time", fake_time)
     c = cfg(max_iters=1000, max_minutes=0.1)
     summary = train.run_train(c, run, progress=False)
     assert summary["stopped_by"] == "max_minutes" and 1 <= summary["iterations"] < 1000
-    ckpt = torch.load(run / train.CKPT_FILE, weights_only=True)
+    ckpt = torch.load(run / layout.CKPT_FILE, weights_only=True)
     assert ckpt["iter_num"] == summary["iterations"] and ckpt["elapsed_s"] >= 6.0
-    log = read_log(run / train.LOG_FILE)
+    log = read_log(run / layout.LOG_FILE)
     assert int(log[-1]["iter"]) == summary["iterations"]  # the last step is evaluated and logged
     assert float(log[-1]["lr"]) == pytest.approx(c.lr * c.min_lr_frac)  # and the schedule reached its floor
     # A resume continues the same budget: it is spent, so nothing more is trained.
     again = train.run_train(c, run, resume=True, progress=False)
     assert again["iterations"] == summary["iterations"] and again["stopped_by"] == "max_minutes"
-    assert torch.load(run / train.CKPT_FILE, weights_only=True)["iter_num"] == summary["iterations"]
+    assert torch.load(run / layout.CKPT_FILE, weights_only=True)["iter_num"] == summary["iterations"]
     # A larger budget on resume trains on from there.
     more = train.run_train(cfg(max_iters=1000, max_minutes=0.3), run, resume=True, progress=False)
     assert more["iterations"] > summary["iterations"]
@@ -465,7 +463,7 @@ def test_training_with_every_lever_reloads_resumes_and_samples(tmp_path, extra):
     c = cfg(max_iters=6, pos_bias_decay=0.3, **{**LEVERS, **extra})
     summary = train.run_train(c, run, progress=False)
     assert math.isfinite(summary["val_loss"])
-    model, ckpt = train.load_model(run)
+    model, ckpt = checkpoint.load_model(run)
     mc = model.config
     assert (mc.class_embed, mc.pos_bias, mc.value_embed, mc.struct_pos) == (True, c.pos_bias, True, True)
     torch.testing.assert_close(model.code_values, load_tokenizer(run / TOKENIZER_FILE).codebook)  # from the tokenizer
@@ -489,7 +487,7 @@ def test_training_with_every_lever_reloads_resumes_and_samples(tmp_path, extra):
         assert 0 <= int(out[0].min()) and int(out[0].max()) < VOCAB.num_codes
     # Resume continues with the same levers; other lever settings are refused.
     train.run_train(cfg(max_iters=8, pos_bias_decay=0.3, **{**LEVERS, **extra}), run, resume=True, progress=False)
-    assert torch.load(run / train.CKPT_FILE, weights_only=True)["iter_num"] == 8
+    assert torch.load(run / layout.CKPT_FILE, weights_only=True)["iter_num"] == 8
     with pytest.raises(ArtifactError, match="model settings"):
         train.run_train(cfg(max_iters=9, **extra), run, resume=True, progress=False)
 
@@ -498,12 +496,12 @@ def test_checkpoint_from_before_the_levers_loads_and_resumes(tmp_path):
     run = tmp_path / "run"
     make_run(run)
     train.run_train(cfg(max_iters=3), run, progress=False)
-    path = run / train.CKPT_FILE
+    path = run / layout.CKPT_FILE
     ckpt = torch.load(path, weights_only=True)
     new_keys = ("class_embed", "pos_bias", "value_embed", "struct_pos", "field_sizes")
     ckpt["model_args"] = {k: v for k, v in ckpt["model_args"].items() if k not in new_keys}
     torch.save(ckpt, path)
-    model, _ = train.load_model(run)
+    model, _ = checkpoint.load_model(run)
     assert not model.config.class_embed and model.config.pos_bias == "none"
     with pytest.raises(ArtifactError, match="model settings"):
         train.run_train(cfg(max_iters=6, class_embed=True), run, resume=True, progress=False)
@@ -512,7 +510,7 @@ def test_checkpoint_from_before_the_levers_loads_and_resumes(tmp_path):
 
 
 def test_a_follower_takes_the_bias_decay_from_rank_0s_optimizer_state():
-    """distributed.follow_train builds its optimizer without pos_bias_decay, then loads rank 0's state."""
+    """A follower's optimizer gets the bias decay from rank 0's state alone (train.follow_train loads it)."""
     model = GPT(GPTConfig(block_size=SPEC.num_params + 2, vocab_size=VOCAB.size, num_codes=VOCAB.num_codes,
                           n_layer=1, n_head=2, n_embd=16, pos_bias="position"))
     lead = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), pos_bias_decay=0.3)
@@ -525,6 +523,6 @@ def test_pos_bias_learning_rate_is_a_multiple_of_the_schedule(tmp_path):
     run = tmp_path / "run"
     make_run(run)
     train.run_train(cfg(max_iters=3, pos_bias="position", pos_bias_lr_mult=10.0), run, progress=False)
-    groups = torch.load(run / train.CKPT_FILE, weights_only=True)["optimizer"]["param_groups"]
+    groups = torch.load(run / layout.CKPT_FILE, weights_only=True)["optimizer"]["param_groups"]
     assert len(groups) == 3 and groups[2]["lr_mult"] == 10.0
     assert groups[2]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[1]["lr"] == groups[0]["lr"]

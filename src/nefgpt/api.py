@@ -1,142 +1,196 @@
-"""The Python API: load a trained GPT run (or a shipped model) and sample fields from it.
+"""The Python API: sample and render fields from a trained run or a shipped model, e.g. in a notebook.
 
     import nefgpt
-    gen = nefgpt.load_pretrained("mnist")          # or nefgpt.load("runs/demo")
-    fields = gen.sample(labels=[7] * 16, seed=0)   # the run's tuned sampling setting
-    images = fields.render(res=128)                # (16, 128, 128) in [0, 1]
+    gen = nefgpt.load("runs/demo")                  # a trained run directory, or
+    gen = nefgpt.load_pretrained("mnist")           # the model shipped in the package, offline
+    fields = gen.sample(labels=[7] * 16, seed=0)    # the run's tuned sampling setting
+    images = fields.render(res=128)                 # (16, 128, 128) float tensor in [0, 1]
 
-Sampling goes through nefgpt.sample.sample_tokens, the loop of the `sample` stage, with the
-setting and batch size that stage would use, so ``gen.sample(labels=[c] * n, seed=s)`` gives
-exactly the weights of ``nefgpt sample --label c -n n --seed s``. Nothing is written: a run
-directory (and the package's shipped models) is only read.
+Sampling goes through the same function as the `sample` stage (nefgpt.sample.draw): the same labels,
+seed and setting give exactly the tokens that ``nefgpt sample --label ... -n ... --seed ...`` writes.
+The setting is resolved as the stage resolves it (nefgpt.tune.sampling_config): the run's config.json,
+with the setting `nefgpt tune` chose filled in. Nothing here writes to the run directory.
+
+Errors are nefgpt.errors.NefgptError subclasses with a one-line message, as the CLI prints them.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field as dataclass_field
+import copy
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from . import config as config_mod
-from . import field, pretrained, sample, tune
+from . import field
 from .artifacts import load_json
+from .checkpoint import load_checked_model
+from .config import RunConfig, from_dict, load_preset
 from .errors import ArtifactError, UsageError
-from .generate import check_guidance, check_sampling, trained_config
-from .layout import CKPT_FILE, CONFIG_FILE, TOKENIZER_FILE, TUNE_FILE
-from .tokenizer import load_tokenizer
+from .generate import trained_config
+from .layout import CKPT_FILE, CONFIG_FILE, TOKENIZER_FILE
+from .model import GPT
+from .pretrained import model_dir
+from .sample import draw
+from .tokenizer import Tokenizer, Vocab, load_tokenizer
+from .tune import SAMPLING_KEYS, sampling_config
 
 __all__ = ["Fields", "Generator", "load", "load_pretrained"]
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Fields:
-    """Sampled fields: `weights` (N, num_params) float32, `labels` (N,) int64, the field architecture `spec`
-    and the sampling `setting` they were drawn with."""
+    """A batch of generated neural fields.
+
+    weights: (N, spec.num_params) float32, in the flatten order of nefgpt.field.
+    labels: (N,) int64, the class each field was conditioned on (slot numbers for an unconditional model).
+    spec: the field architecture the weights belong to.
+    tokens: (N, spec.num_params) int64 code tokens the weights were decoded from.
+    setting: the sampling setting they were drawn with ({temperature, top_k, top_p, min_p, guidance}).
+    """
 
     weights: torch.Tensor
     labels: torch.Tensor
     spec: field.FieldSpec
-    setting: dict = dataclass_field(default_factory=dict)
+    tokens: torch.Tensor | None = None
+    setting: dict | None = None
 
     def __len__(self) -> int:
         return self.weights.shape[0]
 
     def render(self, res: int = 28) -> torch.Tensor:
-        """Brightness images (N, res, res) in [0, 1]: each field evaluated on a res x res pixel grid."""
-        if not (isinstance(res, int) and res >= 1):
+        """Brightness images (N, res, res), float32 in [0, 1], rendered at pixel centres (nefgpt.field.render).
+
+        The fields were fitted at 28x28; any resolution samples the same continuous function.
+        """
+        if isinstance(res, bool) or not isinstance(res, int) or res < 1:
             raise UsageError(f"res must be a positive integer, got {res!r}")
         return field.render(self.spec, self.weights, res)
 
 
 class Generator:
-    """A trained GPT with its tokenizer and sampling setting; make one with `load` or `load_pretrained`."""
+    """A trained GPT with its tokenizer and its run's sampling setting; make one with `load` or `load_pretrained`.
 
-    def __init__(self, run_dir: Path) -> None:
+    Attributes: `run_dir` (where it was loaded from), `vocab` (nefgpt.tokenizer.Vocab), `spec` (the field
+    architecture), `conditioned` (False for a model trained with train.conditioning = none), `config`
+    (the run's resolved RunConfig, tuned setting filled in), `model` and `tokenizer`.
+    """
+
+    def __init__(self, run_dir: Path, model: GPT, tokenizer: Tokenizer, trained: dict, config: RunConfig):
         self.run_dir = run_dir
-        self._tok = load_tokenizer(run_dir / TOKENIZER_FILE)
-        # The saved config decides the batch size (which draws each field gets) and whether the tuned setting
-        # applies: both as the `sample` stage reads them, so API and CLI sample the same fields.
-        self._cfg = config_mod.from_dict(load_json(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
-        if self._cfg.train.model != "gpt":
-            raise UsageError(f"{run_dir}: a {self._cfg.train.model} baseline run; nefgpt.load needs a GPT run")
-        # Looked up at call time: the checked loader lives in sample.py, or in checkpoint.py once moved there.
-        loader = (getattr(sample, "load_checked_model", None)
-                  or importlib.import_module(".checkpoint", __package__).load_checked_model)
-        self._model, ckpt = loader(run_dir, self._tok.vocab, self._tok.spec, self._tok.id)
-        self._trained = trained_config(ckpt)
-        self.conditioned = self._trained.get("conditioning", "class") == "class"
-        s = self._cfg.sample
-        setting = {k: getattr(s, k) for k in tune.SAMPLING_KEYS}
-        if s.use_tuned and (run_dir / TUNE_FILE).exists():  # as cli.sampling_config: hand-given keys win
-            setting.update({k: v for k, v in tune.load_best_setting(run_dir).items() if k not in s.explicit})
-        self._setting = setting
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self._trained = trained  # the checkpoint's train config: guidance and conditioning are checked against it
 
     @property
-    def num_classes(self) -> int:
-        """Number of classes the model was trained on; labels are 0..num_classes-1."""
-        return self._tok.vocab.num_classes
+    def vocab(self) -> Vocab:
+        return self.tokenizer.vocab
 
     @property
     def spec(self) -> field.FieldSpec:
-        """The architecture of the fields this model generates."""
-        return self._tok.spec
+        return self.tokenizer.spec
+
+    @property
+    def num_classes(self) -> int:
+        return self.vocab.num_classes
+
+    @property
+    def conditioned(self) -> bool:
+        return self._trained.get("conditioning", "class") == "class"
 
     @property
     def setting(self) -> dict:
-        """The default sampling setting {temperature, top_k, top_p, min_p, guidance} (a copy)."""
-        return dict(self._setting)
-
-    def sample(self, labels: Iterable[int], seed: int = 0, **overrides) -> Fields:
-        """One field per entry of `labels` (their order kept), drawn with `seed`.
-
-        `overrides` (temperature=, top_k=, top_p=, min_p=, guidance=) replace those keys of `setting`
-        for this call. For an unconditional model the labels only number the fields.
-        """
-        unknown = sorted(set(overrides) - set(tune.SAMPLING_KEYS))
-        if unknown:
-            raise UsageError(f"unknown sampling option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(tune.SAMPLING_KEYS)}")
-        setting = {**self._setting, **overrides}
-        vocab = self._tok.vocab
-        check_sampling(setting["temperature"], setting["top_k"], setting["top_p"], vocab.num_codes,
-                       setting["guidance"], setting["min_p"])
-        check_guidance(setting["guidance"], self._trained, str(self.run_dir / CKPT_FILE))
-        labels = [_label(c, self.num_classes) for c in labels]
-        if not labels:
-            raise UsageError("labels is empty: give one class label per field to sample")
-        all_labels = torch.tensor(labels, dtype=torch.long)
-        tokens = sample.sample_tokens(self._model, vocab, self.spec.num_params, all_labels, setting, int(seed),
-                                      self._cfg.sample.batch_size, self.conditioned)
-        return Fields(self._tok.decode(tokens).float(), all_labels, self.spec, setting)
+        """The sampling setting `sample` uses by default: {temperature, top_k, top_p, min_p, guidance}."""
+        return {k: getattr(self.config.sample, k) for k in SAMPLING_KEYS}
 
     def __repr__(self) -> str:
-        return f"Generator({str(self.run_dir)!r}, num_classes={self.num_classes}, setting={self._setting})"
+        return (f"Generator({str(self.run_dir)!r}, classes={self.num_classes}, weights={self.spec.num_params}, "
+                f"setting={self.setting})")
+
+    def sample(self, labels: Iterable[int] | None = None, *, n_per_class: int = 1, seed: int | None = None,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               min_p: float | None = None, guidance: float | None = None, batch_size: int | None = None,
+               progress: bool = False) -> Fields:
+        """Generate fields, one per entry of `labels`, in that order.
+
+        labels: class indices in 0..num_classes-1 (repeat a label for several fields); None samples
+            `n_per_class` fields of every class (the only choice for an unconditional model).
+        seed: seeds the sampling generator; None is the run's sample.seed. The same seed, labels and
+            setting give the same fields every time.
+        temperature, top_k, top_p, min_p, guidance: replace that value of `self.setting` only, as
+            ``nefgpt sample --temperature ...`` does (top_k 0, top_p 1 and min_p 0 are off).
+        batch_size: fields generated together; None is the run's sample.batch_size, which is what makes the
+            fields equal to the CLI's: the batching decides which random draws each field gets.
+        """
+        cfg = copy.deepcopy(self.config.sample)
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p, "guidance": guidance,
+                 "seed": seed, "batch_size": batch_size}
+        for key, value in given.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        # The integers are checked here; draw checks the setting's ranges, as for the CLI.
+        for key, minimum in (("top_k", 0), ("seed", 0), ("batch_size", 1)):
+            _integer(key, getattr(cfg, key), minimum)
+        if labels is None:
+            cfg.n_per_class = _integer("n_per_class", n_per_class, 1)
+            chosen = None
+        else:
+            cfg.n_per_class = 1  # one field per listed label: draw lays out n_per_class copies of each
+            chosen = _labels(labels)
+        tokens, all_labels, _ = draw(self.model, self.vocab, self.spec.num_params, self._trained, cfg, chosen,
+                                     str(self.run_dir / CKPT_FILE), progress)
+        return Fields(self.tokenizer.decode(tokens), all_labels, self.spec, tokens,
+                      {k: getattr(cfg, k) for k in SAMPLING_KEYS})
 
 
-def _label(c, num_classes: int) -> int:
-    # bool is an int subclass and a float 7.0 would silently pass as a class: refuse both.
-    if isinstance(c, bool) or not isinstance(c, int) and not (isinstance(c, torch.Tensor) and c.ndim == 0):
-        raise UsageError(f"label {c!r} is not an integer class")
-    c = int(c)
-    if not 0 <= c < num_classes:
-        raise UsageError(f"label {c} is not a class of this model (0..{num_classes - 1})")
-    return c
+def load(run_dir: str | PathLike, device: str | torch.device = "cpu") -> Generator:
+    """The GPT of a trained run directory (one `nefgpt train` has finished in), ready to sample.
+
+    The run's config.json decides the default sampling setting (with tune.json's choice when the run was
+    tuned), as for `nefgpt sample`. On another device than the CPU the tokens can differ from the CLI's.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: run directory not found")
+    saved = path / CONFIG_FILE
+    # A run without config.json samples with the default preset, as the CLI would.
+    cfg = from_dict(load_json(saved), source=str(saved)) if saved.exists() else load_preset("cpu")
+    if cfg.train.model != "gpt":
+        raise UsageError(f"{path}: its model is the {cfg.train.model} baseline; nefgpt.load samples GPT runs only "
+                         f"(use `nefgpt sample --out {path}`)")
+    for name, stage in ((TOKENIZER_FILE, "tokenize"), (CKPT_FILE, "train")):
+        if not (path / name).exists():
+            raise ArtifactError(f"{path / name}: file not found; run `nefgpt {stage} --out {path}` first")
+    tok = load_tokenizer(path / TOKENIZER_FILE)
+    model, ckpt = load_checked_model(path, tok.vocab, tok.spec, tok.id)
+    return Generator(path, model.to(device), tok, trained_config(ckpt), sampling_config(cfg, path))
 
 
-def load(run_dir: str | Path) -> Generator:
-    """The GPT of a trained run directory (after `nefgpt train`; `nefgpt tune` adds the tuned setting)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ArtifactError(f"{run_dir}: run directory not found")
-    for name in (CONFIG_FILE, TOKENIZER_FILE, CKPT_FILE):
-        if not (run_dir / name).exists():
-            raise ArtifactError(f"{run_dir / name}: file not found; {run_dir} is not a trained GPT run")
-    return Generator(run_dir)
+def load_pretrained(name: str = "mnist", device: str | torch.device = "cpu") -> Generator:
+    """A model shipped in the package (nefgpt/pretrained_models/NAME), read in place, offline."""
+    return load(model_dir(name), device)
 
 
-def load_pretrained(name: str = "mnist") -> Generator:
-    """A model shipped in the package (`nefgpt.pretrained.available()`), read in place, offline."""
-    return load(pretrained.model_dir(name))
+def _integer(what: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _labels(labels: Iterable[int]) -> list[int]:
+    """Class indices as plain ints (a list, a range or an integer tensor); their range is checked by draw."""
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable):
+        raise UsageError(f"labels must be a list of class indices (e.g. [7] * 4), got {labels!r}")
+    out = []
+    for c in labels:
+        try:
+            out.append(operator.index(c))
+        except TypeError:
+            raise UsageError(f"label {c!r} is not an integer class index") from None
+    if not out:
+        raise UsageError("labels is empty; give at least one class index, or None for every class")
+    return out

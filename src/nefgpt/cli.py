@@ -9,7 +9,6 @@ it. Errors print one line on stderr and exit 1 (runtime) or 2 (usage);
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -417,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir: Path = args.out
         check_out(run_dir)
         if distributed.is_follower():  # under torchrun, rank 0 leads and ranks > 0 follow (docs/distributed.md)
-            return distributed.follow()
+            return distributed.follow(train.follow_train)
         if args.command != "run" and args.command != "fit" and not run_dir.is_dir():
             raise ArtifactError(f"{run_dir}: run directory not found")
         try:

@@ -11,10 +11,14 @@ JSON. Ranks > 0, the *followers*, never touch the run directory (so on several n
 only rank 0's node needs it): they join the group and wait for one of the leader's
 orders, sent with ``broadcast_object_list``:
 
-- ``train``: the config, the training sequences, and the model and optimizer state
-  to start from (fresh or resumed); the follower builds the same model and runs the
-  same loop on its share of every batch, then waits for the next order;
-- ``stop``: exit (training is done or was skipped, or failed before it began).
+- a `TrainOrder`: the config, the training sequences, and the model and optimizer
+  state to start from (fresh or resumed); the follower builds the same model and runs
+  the same loop on its share of every batch, then waits for the next order;
+- ``STOP``: exit (training is done or was skipped, or failed before it began).
+
+`Group` keeps the protocol's state; the training itself is the caller's (the leader's
+nefgpt.train, and the `train` callback a follower gets), so this module knows nothing
+of models.
 
 Inside the loop, one small all-reduce per step averages the loss (the logged loss
 is that of the whole global batch) and ORs the Ctrl-C flag, so a non-finite loss or
@@ -29,12 +33,13 @@ import datetime
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import TrainConfig
 from .errors import UsageError
 
 TIMEOUT = datetime.timedelta(minutes=30)  # the longest a rank waits for the others (rank 0 evaluating, say)
@@ -66,27 +71,65 @@ def is_follower() -> bool:
     return p is not None and p.rank > 0
 
 
+@dataclass
+class TrainOrder:
+    """The leader's `train` order: what a follower needs to run the same loop on its share of every batch."""
+
+    cfg: TrainConfig
+    model_args: dict  # GPTConfig.to_dict()
+    model: dict  # state dicts on the CPU (cpu_state): each rank moves them to its own device
+    optimizer: dict
+    train_seqs: torch.Tensor  # (N, T) int16, the training sequences
+    null: int  # the null-class token
+    start: int  # the iteration to start from
+    elapsed_before: float = 0.0  # training time of earlier runs (a resume continues the same budget)
+
+
+STOP = "stop"  # the other order: exit
+
+
 class Group:
-    """The default process group, with the leader/follower protocol."""
+    """The default process group, with the leader/follower protocol.
+
+    The leader's state runs idle -> training -> done. An order is due in idle and done (the followers
+    wait for one); in training the followers are inside the loop and stop at the same step on their own.
+    """
 
     def __init__(self, where: Placement) -> None:
         self.rank, self.world_size, self.local_rank = where.rank, where.world_size, where.local_rank
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=TIMEOUT)
-        self.state = "idle"  # idle -> training -> done (leader); an order is due in idle and done
+        self.state = "idle"
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
 
-    def send(self, order: dict) -> None:
-        dist.broadcast_object_list([order], src=0)
+    def start_training(self, order: TrainOrder) -> None:
+        """Leader: hand the followers their start; from now on they are in the loop."""
+        if self.state != "idle":
+            raise RuntimeError(f"a train order in state {self.state}")
+        self._send(order)
+        self.state = "training"
 
-    def receive(self) -> dict:
+    def end_training(self) -> None:
+        """Leader: the loop ended on every rank; the followers wait for the next order."""
+        self.state = "done"
+
+    def release(self) -> None:
+        """Leader, on the way out: tell followers that wait for an order to exit."""
+        if self.state != "training":
+            self._send(STOP)
+
+    def next_order(self) -> TrainOrder | None:
+        """Follower: the leader's next order; None means exit."""
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return box[0] if isinstance(box[0], TrainOrder) else None
+
+    def _send(self, order: TrainOrder | str) -> None:
+        dist.broadcast_object_list([order], src=0)
 
     def device(self, device: torch.device) -> torch.device:
         """Each rank's own GPU (LOCAL_RANK) when training on CUDA."""
@@ -160,45 +203,26 @@ def leading(command: str) -> Iterator[None]:
     finally:
         # Followers inside the loop stop at the same step on their own (a shared interrupt or non-finite loss),
         # or are ended by torchrun when the leader exits with an error.
-        if group.state != "training":
-            group.send({"op": "stop"})
+        group.release()
         _GROUP = None
         group.close()
 
 
-def follow() -> int:
+def follow(train: Callable[[TrainOrder, Group], bool]) -> int:
     """Ranks > 0: join the group and carry out the leader's orders; the exit code is 0 unless this rank failed.
 
-    Rank 0 reports errors and interrupts, and its exit code is the run's: a follower that exited non-zero
-    would make torchrun stop rank 0, perhaps while it saves the checkpoint of an interrupt.
+    `train` runs one order's training on this rank (nefgpt.train.follow_train); it returns False when the
+    training ended in a stop that every rank shares (an interrupt, a non-finite loss): the leader then exits
+    without another order, and reports the stop. A follower that exited non-zero would make torchrun stop
+    rank 0, perhaps while it saves the checkpoint of an interrupt.
     """
-    from .train import NonFiniteLoss, TrainInterrupted
-
     global _GROUP
     group = _GROUP = Group(placement())  # type: ignore[arg-type]
     try:
-        while (order := group.receive())["op"] == "train":
-            try:
-                follow_train(order, group)
-            except (TrainInterrupted, NonFiniteLoss):  # stops shared by every rank: rank 0 reports them
+        while (order := group.next_order()) is not None:
+            if not train(order, group):
                 return 0
         return 0
     finally:
         _GROUP = None
         group.close()
-
-
-def follow_train(order: dict, group: Group) -> None:
-    """A rank > 0's part of the training that rank 0 ordered: the same loop on its share of each batch."""
-    from .config import TrainConfig
-    from .model import GPT, GPTConfig
-    from .train import autocast_dtype, resolve_device, train_steps
-
-    cfg = TrainConfig(**order["cfg"])
-    device = group.device(resolve_device(cfg.device))
-    model = GPT(GPTConfig(**order["model_args"])).to(device)
-    model.load_state_dict(order["model"])
-    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    optimizer.load_state_dict(order["optimizer"])
-    train_steps(model, optimizer, order["train_seqs"].long(), cfg, order["null"], order["start"], device,
-                autocast_dtype(cfg.dtype, device), group, None, float(order.get("elapsed_before", 0.0)))

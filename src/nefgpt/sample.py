@@ -15,15 +15,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import field
+from .checkpoint import load_checked_model, load_model  # noqa: F401  (public here before)
 from .config import SampleConfig
-from .errors import ArtifactError, UsageError
+from .errors import UsageError
 from .generate import check_guidance, check_sampling, generate, trained_config
 from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples
 from .tokenizer import Vocab, load_tokenizer
-from .train import load_model
 
 
 # Sampling time per field when the run has none measured: a conservative CPU figure (the demo GPT measured
@@ -82,40 +81,6 @@ def _duration(seconds: float) -> str:
     if seconds < 3 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:,.0f} days"
-
-
-def load_checked_model(run_dir: Path, vocab: Vocab, spec: field.FieldSpec, tok_id: str) -> tuple[GPT, dict]:
-    """The run's GPT and checkpoint, refused unless it was trained with this tokenizer and field architecture."""
-    model, ckpt = load_model(run_dir)
-    if ckpt.get("tokenizer_id") != tok_id:
-        raise ArtifactError(f"{run_dir / CKPT_FILE}: trained with another tokenizer than {run_dir / TOKENIZER_FILE}")
-    mc = model.config
-    if (mc.vocab_size, mc.num_codes) != (vocab.size, vocab.num_codes):
-        raise ArtifactError(f"{run_dir / CKPT_FILE}: vocabulary of {mc.vocab_size} tokens ({mc.num_codes} codes) differs "
-                            f"from {run_dir / TOKENIZER_FILE}'s {vocab.size} ({vocab.num_codes} codes)")
-    if mc.block_size != spec.num_params + 2:
-        raise ArtifactError(f"{run_dir / CKPT_FILE}: model generates {mc.block_size - 2} weights, but the field "
-                            f"architecture {spec.to_meta()} in {run_dir / TOKENIZER_FILE} has {spec.num_params}")
-    return model, ckpt
-
-
-def sample_tokens(model: GPT, vocab: Vocab, num_weights: int, labels: torch.Tensor, setting: dict, seed: int,
-                  batch_size: int, conditioned: bool = True, progress: bool = False) -> torch.Tensor:
-    """Code tokens (N, num_weights) for the per-field labels (N,), with the sampling `setting`
-    ({temperature, top_k, top_p, min_p, guidance}, already checked).
-
-    The one sampling loop of the `sample` stage and of nefgpt.api: one generator seeded once, then the labels in
-    order in batches of `batch_size`. Which random draws a field gets depends on all three, so the same labels,
-    seed and batch size give the same fields whichever of the two calls it.
-    """
-    # An unconditional model decodes the null class; its labels only number the slots.
-    conditions = labels if conditioned else torch.full_like(labels, -1)
-    gen = torch.Generator().manual_seed(seed)
-    chunks = []
-    for batch in tqdm(conditions.split(batch_size), desc="sample", disable=not progress):
-        chunks.append(generate(model, batch, vocab, num_weights, setting["temperature"], setting["top_k"],
-                               setting["top_p"], gen, guidance=setting["guidance"], min_p=setting["min_p"]).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, num_weights, dtype=torch.long)
 
 
 def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleConfig, labels: list[int] | None,

@@ -3,110 +3,38 @@
 nanoGPT's habits: AdamW with decoupled weight decay on matrices only, linear
 warmup then cosine decay, gradient clipping, bf16 autocast where supported,
 periodic held-out evaluation, and a plain-dict checkpoint
-``{model, optimizer, model_args, iter_num, ...}`` written atomically.
+``{model, optimizer, model_args, iter_num, ...}`` written atomically. The loop
+itself is nefgpt.trainer's, shared with the baselines; this module supplies the
+GPT's batches, loss and held-out evaluation (`GPTTask`).
 
 The data order, and which sequences get the null class (SOS at the class
 position; all of them with ``conditioning = "none"``, a ``p_uncond`` share for
 classifier-free guidance), are pure functions of (seed, iteration), so a resumed
 run sees the same batches as an uninterrupted one. Under torchrun the ranks split
-each global batch (nefgpt.distributed). Scalars also go to TensorBoard (RUN/tb)
-when it is installed.
+each global batch (nefgpt.distributed): rank 0 runs `run_train`, the others
+`follow_train`. Scalars also go to TensorBoard (RUN/tb) when it is installed.
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import shutil
-import signal
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from . import distributed, hardware
-from .artifacts import atomic_path, load_checkpoint, save_checkpoint, save_json
+from . import distributed
+from .checkpoint import load_checkpoint, load_model, saved_model_args  # noqa: F401  (load_model: public here before)
 from .config import TrainConfig
 from .errors import ArtifactError, NefgptError, UsageError
 from .field import FieldSpec
-from .layout import TOKENIZER_FILE
+from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT, GPTConfig
 from .split import load_split
 from .tokenizer import Vocab, load_tokenizer, load_tokens
-
-CKPT_FILE = "ckpt.pt"
-LOG_FILE = "train_log.csv"
-SUMMARY_FILE = "train.json"
-TB_DIR = "tb"  # TensorBoard scalars, when tensorboard is installed
-LOG_COLUMNS = ("iter", "lr", "train_loss", "val_loss", "tokens_per_s", "elapsed_s")
-
-
-class TrainInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during training, after a checkpoint of the last completed iteration was saved.
-
-    `signum` is the signal that stopped it: the CLI exits 128 + signum (130 for Ctrl-C, 143 for SIGTERM).
-    """
-
-    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.signum = int(signum)
-
-
-def stop_word(signum: int) -> str:
-    """How a stop by `signum` is reported: "terminated" for SIGTERM, "interrupted" for Ctrl-C."""
-    return "terminated" if signum == signal.SIGTERM else "interrupted"
-
-
-class NonFiniteLoss(NefgptError):
-    """The training loss became NaN or infinite (on every rank alike)."""
-
-
-DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def deferred_signals() -> Iterator[list[int]]:
-    """Turn Ctrl-C and SIGTERM into a flag that the training loop checks between steps.
-
-    The flag is a list of the signal numbers that arrived (non-empty once one did).
-    A KeyboardInterrupt raised mid-step could leave the weights updated but not
-    the optimizer state; deferring it lets the loop save a consistent checkpoint.
-    A second signal interrupts at once, keeping the last periodic checkpoint: Ctrl-C
-    raises KeyboardInterrupt, SIGTERM gets the handler it had before (the CLI's
-    raises `errors.Terminated`). The previous handlers are restored on the way out.
-    """
-    hits: list[int] = []
-    # Only the main thread may set handlers.
-    if threading.current_thread() is not threading.main_thread():
-        yield hits
-        return
-    previous = {s: signal.getsignal(s) for s in DEFERRED_SIGNALS}
-    # An ignored signal (SIGINT under nohup or `cmd &`, SIGTERM ignored by a parent) stays ignored.
-    deferred = [s for s in DEFERRED_SIGNALS if previous[s] is not signal.SIG_IGN]
-    # getsignal gives None for a handler not set from Python: SIGINT's is then Python's usual one.
-    restore = {s: previous[s] if previous[s] is not None else
-               (signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL) for s in deferred}
-    at_once = {s: signal.default_int_handler if s == signal.SIGINT else restore[s] for s in deferred}
-
-    def handler(signum, frame):
-        hits.append(signum)
-        for s in deferred:
-            signal.signal(s, at_once[s])
-
-    for s in deferred:
-        signal.signal(s, handler)
-    try:
-        yield hits
-    finally:
-        for s in deferred:
-            signal.signal(s, restore[s])
-
-
+# The loop's names, public here before the loop moved to nefgpt.trainer.
+from .trainer import (LOG_COLUMNS, NonFiniteLoss, Task, Trainer, TrainInterrupted, autocast,  # noqa: F401
+                      autocast_dtype, batch_indices, deferred_signals, lr_at, resolve_device, stop_word)
 
 
 def build_sequences(tokens: torch.Tensor, labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
@@ -151,68 +79,6 @@ def hl_gauss_loss(logits: torch.Tensor, targets: torch.Tensor, sigma: float) -> 
     return -(weight * logp).sum(dim=1).mean()
 
 
-def batch_indices(n: int, batch_size: int, iteration: int, seed: int) -> torch.Tensor:
-    """Indices of the batch at `iteration`: epochs of seeded permutations, last partial batch dropped."""
-    per_epoch = max(n // batch_size, 1)
-    epoch, j = divmod(iteration, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[j * batch_size : (j + 1) * batch_size]
-
-
-def lr_at(it: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warmup, then cosine decay over progress = max(iterations, elapsed time) / budget.
-
-    With ``cfg.max_minutes > 0`` the schedule is budgeted training ("Cramming"): whichever of the
-    iteration and wall-clock budgets runs out first drives the decay, so a slow CPU still ends at the
-    minimum learning rate. ``max_minutes = 0`` makes the schedule a pure function of the iteration.
-    """
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / cfg.warmup_iters
-    progress = (it - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1)
-    if cfg.max_minutes > 0:
-        progress = max(progress, elapsed_s / (60 * cfg.max_minutes))
-    min_lr = cfg.lr * cfg.min_lr_frac
-    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("train.device = cuda, but no CUDA device is available")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the hardware runs it fast; None means plain fp32.
-
-    "auto" picks fp32 on a CPU without native bf16 (AVX2-only machines emulate it slowly) and whenever
-    NEFGPT_AUTOCAST=fp32 is set.
-    """
-    if name == "fp32":
-        return None
-    if name == "auto" and not hardware.bf16_autocast_allowed():
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() or name == "bf16" else None
-    if name == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and hardware.cpu_has_bf16() else None
-
-
-@torch.no_grad()
-def evaluate_loss(model: GPT, seqs: torch.Tensor, batch_size: int, device: torch.device, amp: torch.dtype | None) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for chunk in seqs.split(batch_size):
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = sequence_loss(model, chunk.to(device))  # always the plain CE, whatever train.hl_sigma is
-        total += float(loss) * len(chunk)
-        count += len(chunk)
-    model.train()
-    return total / max(count, 1)
-
-
 def model_config(cfg: TrainConfig, vocab: Vocab, num_params: int, spec: FieldSpec | None = None) -> GPTConfig:
     """The GPT of `cfg`; train.struct_pos needs the field's `spec` (its layer widths go into the model args)."""
     sizes: tuple[int, ...] = ()
@@ -244,60 +110,54 @@ def training_batch(train_seqs: torch.Tensor, cfg: TrainConfig, iteration: int, n
     return batch[group.shard(len(batch))] if group else batch
 
 
-def train_steps(model: GPT, optimizer: torch.optim.Optimizer, train_seqs: torch.Tensor, cfg: TrainConfig,
-                null: int, start: int, device: torch.device, amp: torch.dtype | None,
-                group: distributed.Group | None, after_step: Callable[[int, float, bool, bool, float], None] | None,
-                elapsed_before: float = 0.0) -> tuple[int, str]:
-    """Iterations from `start` until max_iters or the max_minutes budget; returns (iterations done, what stopped it).
+@torch.no_grad()
+def evaluate_loss(model: GPT, seqs: torch.Tensor, batch_size: int, device: torch.device, amp: torch.dtype | None) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in seqs.split(batch_size):
+        with autocast(device, amp):
+            loss = sequence_loss(model, chunk.to(device))  # always the plain CE, whatever train.hl_sigma is
+        total += float(loss) * len(chunk)
+        count += len(chunk)
+    model.train()
+    return total / max(count, 1)
 
-    `after_step(done, train_loss, interrupted, final, lr)` does rank 0's bookkeeping. `elapsed_before` is the
-    training time of earlier runs of this training (a resume continues the same budget).
+
+class GPTTask(Task):
+    """The GPT's part of the loop: this rank's share of each global batch, the token loss, the held-out CE."""
+
+    def __init__(self, model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfig, train_seqs: torch.Tensor,
+                 null: int, device: torch.device, amp: torch.dtype | None, group: distributed.Group | None = None,
+                 val_seqs: torch.Tensor | None = None, extra: dict | None = None) -> None:
+        self.model, self.optimizer, self.model_args = model, optimizer, model.config.to_dict()
+        self.cfg, self.train_seqs, self.val_seqs, self.null = cfg, train_seqs, val_seqs, null
+        self.device, self.amp, self.group, self.extra = device, amp, group, extra or {}
+        self.net: torch.nn.Module = model  # the DDP wrapper under torchrun (train_steps sets it)
+        # Looked up now, not at import, so a test may replace sequence_loss.
+        self.step_fn = torch.compile(sequence_loss) if cfg.compile else sequence_loss
+
+    def batch(self, it: int) -> torch.Tensor:
+        return training_batch(self.train_seqs, self.cfg, it, self.null, self.group).to(self.device)
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.step_fn(self.net, batch, self.cfg.hl_sigma)
+
+    def evaluate(self) -> float:
+        return evaluate_loss(self.model, self.val_seqs, self.cfg.batch_size, self.device, self.amp)
+
+    def checkpoint(self) -> dict:
+        return {**self.extra, "config": vars(self.cfg).copy()}
+
+
+def train_steps(model: GPT, optimizer: torch.optim.Optimizer, trainer: Trainer) -> tuple[int, str]:
+    """The loop of every rank (rank 0's and the followers'); returns (iterations done, what stopped it).
+
+    `model` and `optimizer` are the trainer's task's, named so that a caller may inspect them around the loop.
     """
-    net = group.wrap(model, device) if group else model
-    step_fn = torch.compile(sequence_loss) if cfg.compile else sequence_loss
-    rank = group.rank if group else 0
-    budget_s = 60 * cfg.max_minutes
-    t0 = time.time()
-    done = start
-    if start >= cfg.max_iters or (budget_s > 0 and elapsed_before >= budget_s):
-        return done, "max_iters" if start >= cfg.max_iters else "max_minutes"
-    with deferred_signals() as interrupted:
-        for it in range(start, cfg.max_iters):
-            batch = training_batch(train_seqs, cfg, it, null, group).to(device)
-            if cfg.dropout > 0:  # dropout masks depend on the iteration (and rank) only
-                torch.manual_seed(cfg.seed * 1_000_003 + it + rank * 7_777_777)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = step_fn(net, batch, cfg.hl_sigma)
-            elapsed = elapsed_before + time.time() - t0
-            # One all-reduce: every rank sees the global batch's loss, any rank's Ctrl-C and the slowest rank's
-            # clock, so all ranks set the same learning rate and stop at the same step.
-            if group:
-                train_loss, stop, elapsed = group.agree(loss, bool(interrupted), elapsed)
-            else:
-                train_loss, stop = loss.item(), False
-            if not math.isfinite(train_loss):
-                raise NonFiniteLoss(f"train: loss became {train_loss} at iteration {it}; the last good checkpoint is kept")
-            lr = lr_at(it, cfg, elapsed)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr * param_group.get("lr_mult", 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            done = it + 1
-            # Checked only here, between steps, so an interrupted checkpoint is exactly the state after it + 1.
-            stop = stop or (group is None and bool(interrupted))
-            stop = stop and (interrupted[0] if interrupted else signal.SIGINT)  # the signal number (truthy), or False
-            out_of_time = budget_s > 0 and elapsed >= budget_s
-            final = done == cfg.max_iters or out_of_time
-            if after_step:
-                after_step(done, train_loss, stop, final, lr)
-            if stop:
-                raise TrainInterrupted(f"{stop_word(stop)} at iteration {done}", stop)
-            if out_of_time:
-                return done, "max_minutes"
-    return done, "max_iters"
+    task = trainer.task
+    # DDP's constructor is a collective, so it comes after rank 0 sent the order that the others wait for.
+    task.net = trainer.group.wrap(model, trainer.device) if trainer.group else model
+    return trainer.steps()
 
 
 def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
@@ -331,9 +191,11 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
         model.code_values.copy_(tok.codebook)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.pos_bias_decay,
                                           cfg.pos_bias_lr_mult)
+    task = GPTTask(model, optimizer, cfg, train_seqs, vocab.sos, device, amp, group, val_seqs,
+                   {"tokenizer_id": tok_id})
+    trainer = Trainer(task, cfg, device, amp, run_dir=run_dir, group=group, progress=progress, desc="train",
+                      tokens_per_iter=cfg.batch_size * (seqs.shape[1] - 1))
     ckpt_path = run_dir / CKPT_FILE
-    log_path = run_dir / LOG_FILE
-    start_iter, best_val, elapsed_before = 0, float("inf"), 0.0
     if ckpt_path.exists() and not (restart and not resume):
         if not resume:
             raise NefgptError(f"{ckpt_path}: a checkpoint from an earlier training exists; pass --resume to continue from it or --force to start over")
@@ -342,161 +204,49 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
             raise ArtifactError(f"{ckpt_path}: trained with another tokenizer ({ckpt.get('tokenizer_id')} vs {tok_id})")
         if saved_model_args(ckpt) != model_args.to_dict():
             raise ArtifactError(f"{ckpt_path}: model settings differ from the config; use --force to restart")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter, best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-        elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        truncate_log(log_path, start_iter)
+        trainer.resume(ckpt)
     else:
-        log_path.unlink(missing_ok=True)
-        shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
+        trainer.fresh()
     if group:
-        group.send({"op": "train", "cfg": vars(cfg).copy(), "train_seqs": train_seqs.to(torch.int16),
-                    "model_args": model_args.to_dict(), "null": vocab.sos, "start": start_iter,
-                    "model": distributed.cpu_state(model.state_dict()),
-                    "optimizer": distributed.cpu_state(optimizer.state_dict()), "elapsed_before": elapsed_before})
-        group.state = "training"
+        group.start_training(distributed.TrainOrder(
+            cfg=cfg, model_args=model_args.to_dict(), model=distributed.cpu_state(model.state_dict()),
+            optimizer=distributed.cpu_state(optimizer.state_dict()), train_seqs=train_seqs.to(torch.int16),
+            null=vocab.sos, start=trainer.start, elapsed_before=trainer.elapsed_before))
 
-    tokens_per_iter = cfg.batch_size * (seqs.shape[1] - 1)
-    t0 = time.time()
-
-    def save(it: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args.to_dict(),
-            "iter_num": it, "best_val_loss": best_val, "tokenizer_id": tok_id, "config": vars(cfg).copy(),
-            "elapsed_s": elapsed_before + time.time() - t0,
-        })
-
-    last = {"t": time.time(), "it": start_iter}
-    scalars = Scalars(run_dir, start_iter)
-    bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="train", disable=not progress)
-
-    def after_step(done: int, train_loss: float, interrupted: bool, final: bool, lr: float) -> None:
-        nonlocal best_val
-        bar.update(1)
-        scalars.add(done, {"train/loss": train_loss, "lr": lr})
-        if cfg.max_minutes > 0:
-            bar.set_description(f"train ({(elapsed_before + time.time() - t0) / 60:.1f}/{cfg.max_minutes:g} min)",
-                                refresh=False)
-        if done % cfg.eval_interval == 0 or final:
-            val_loss = evaluate_loss(model, val_seqs, cfg.batch_size, device, amp)
-            best_val = min(best_val, val_loss)
-            now = time.time()
-            rate = tokens_per_iter * (done - last["it"]) / max(now - last["t"], 1e-9)
-            last["t"], last["it"] = now, done
-            append_log(log_path, [done, f"{lr:.6g}", f"{train_loss:.5f}", f"{val_loss:.5f}",
-                                   f"{rate:.0f}", f"{elapsed_before + now - t0:.1f}"])
-            scalars.add(done, {"val/loss": val_loss, "tokens_per_s": rate})
-            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-        if interrupted or done % cfg.ckpt_interval == 0 or final:
-            save(done)
-        if interrupted:
-            raise TrainInterrupted(f"{stop_word(interrupted)} at iteration {done}; checkpoint saved to {ckpt_path} "
-                                   "(resume with --resume)", interrupted)
-
-    try:
-        with bar:
-            reached, stopped_by = train_steps(model, optimizer, train_seqs, cfg, vocab.sos, start_iter, device, amp,
-                                              group, after_step, elapsed_before)
-    except NonFiniteLoss as exc:
-        raise NonFiniteLoss(f"{exc} in {ckpt_path}") from None
-    finally:
-        scalars.close()
+    with trainer.bookkeeping():
+        train_steps(model, optimizer, trainer)
     if group:
-        group.state = "done"
+        group.end_training()
+    trainer.finish()
 
     final_train = evaluate_loss(model, train_seqs[: len(val_seqs)], cfg.batch_size, device, amp)
     final_val = evaluate_loss(model, val_seqs, cfg.batch_size, device, amp)
-    summary = {
-        "iterations": reached,
-        "stopped_by": stopped_by,  # max_iters, or max_minutes when the wall-clock budget ran out first
-        "max_iters": cfg.max_iters,
-        "max_minutes": cfg.max_minutes,
-        "train_loss": final_train,
-        "val_loss": final_val,
-        "best_val_loss": min(best_val, final_val),
-        "num_params": model.num_params(),
-        "device": str(device),
-        "autocast": str(amp) if amp else "fp32",
-        "train_seconds": elapsed_before + time.time() - t0,
+    summary = trainer.summary(final_train, final_val, tail={
         "tokenizer_id": tok_id,
         "conditioning": cfg.conditioning,
         "p_uncond": cfg.p_uncond,
         "processes": group.world_size if group else 1,
-    }
-    save_json(run_dir / SUMMARY_FILE, summary)
-    return summary
+    })
+    return trainer.write_summary(summary)
 
 
-class Scalars:
-    """TensorBoard scalars in RUN/tb when tensorboard is installed; nothing otherwise (the CSV log is always written).
+def follow_train(order: distributed.TrainOrder, group: distributed.Group) -> bool:
+    """A rank > 0's part of the training that rank 0 ordered: the same loop on its share of each batch.
 
-    The writer opens at the first value, so a run that fails before its first step leaves no tb/ behind.
-    On resume, events after the checkpoint's iteration (from the interrupted run) are purged.
+    Returns False when the loop ended in a stop every rank shares (rank 0 reports it), True when it ran out.
     """
-
-    def __init__(self, run_dir: Path, start_iter: int) -> None:
-        self.path, self.start, self.writer = run_dir / TB_DIR, start_iter, None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # not installed, or an incompatible install: CSV only
-            self.cls = None
-        else:
-            self.cls = SummaryWriter
-
-    def add(self, step: int, values: dict[str, float]) -> None:
-        if self.cls is None:
-            return
-        if self.writer is None:
-            self.writer = self.cls(str(self.path), purge_step=self.start + 1 if self.start else None)
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def train_done(run_dir: Path, cfg: TrainConfig) -> bool:
-    ckpt_path = run_dir / CKPT_FILE
-    if not ckpt_path.exists() or not (run_dir / SUMMARY_FILE).exists():
+    cfg = order.cfg
+    device = group.device(resolve_device(cfg.device))
+    model = GPT(GPTConfig(**order.model_args)).to(device)
+    model.load_state_dict(order.model)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.pos_bias_decay,
+                                          cfg.pos_bias_lr_mult)
+    optimizer.load_state_dict(order.optimizer)
+    amp = autocast_dtype(cfg.dtype, device)
+    task = GPTTask(model, optimizer, cfg, order.train_seqs.long(), order.null, device, amp, group)
+    trainer = Trainer(task, cfg, device, amp, group=group, start=order.start, elapsed_before=order.elapsed_before)
+    try:
+        train_steps(model, optimizer, trainer)
+    except (TrainInterrupted, NonFiniteLoss):
         return False
-    return int(load_checkpoint(ckpt_path)["iter_num"]) >= cfg.max_iters
-
-
-def saved_model_args(ckpt: dict) -> dict | None:
-    """A checkpoint's model args with the keys added since it was written at their defaults (off); None if invalid."""
-    try:
-        return GPTConfig(**ckpt["model_args"]).to_dict()
-    except (TypeError, ValueError):
-        return None
-
-
-def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    ckpt = load_checkpoint(run_dir / CKPT_FILE)
-    try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{run_dir / CKPT_FILE}: does not hold a valid GPT ({str(exc).splitlines()[0][:160]})") from None
-    return model.to(device).eval(), ckpt
-
-
-def append_log(path: Path, row: list) -> None:
-    """One row of the training CSV log (every model writes these columns, so one loss figure serves all)."""
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(LOG_COLUMNS)
-        writer.writerow(row)
-
-
-def truncate_log(path: Path, upto: int) -> None:
-    """Drop log rows written after the checkpoint we resume from."""
-    if not path.exists():
-        return
-    rows = list(csv.reader(path.open()))
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= upto]
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        csv.writer(f).writerows(kept)
+    return True

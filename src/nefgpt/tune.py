@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from . import field, metrics
 from .artifacts import load_json, save_json, write_bytes
+from .checkpoint import load_checked_model
 from .classifier import get_classifier, score_images
 from .config import RunConfig, TuneConfig, check_choice
 from .errors import ArtifactError, UsageError
@@ -41,7 +42,6 @@ from .figures import save_tune_heatmap
 from .fit import load_nefs
 from .generate import check_guidance, check_sampling, generate, trained_config
 from .layout import CKPT_FILE, SPLIT_FILE, TOKENIZER_FILE, TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
-from .sample import load_checked_model
 from .split import balanced_indices, load_split_images
 from .tokenizer import load_tokenizer
 
@@ -109,30 +109,41 @@ def sampling_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
     return cfg
 
 
-def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
-    """The settings to try, in the order they are tried; each is checked before any sampling starts."""
-    for name in ("temperatures", "top_ks", "top_ps", "min_ps", "guidances"):
+_TUNE_LISTS = {"temperatures": "temperature", "top_ks": "top_k", "top_ps": "top_p", "min_ps": "min_p",
+               "guidances": "guidance"}
+
+
+def check_tune(cfg: TuneConfig, num_codes: int) -> None:
+    """The one check of the [tune] settings: config validation and candidate_settings both call it."""
+    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0}
+    for name, key in _TUNE_LISTS.items():
         if not getattr(cfg, name):
             raise UsageError(f"tune.{name} must list at least one value")
+        for value in getattr(cfg, name):
+            try:
+                check_sampling(**{**neutral, key: value}, num_codes=num_codes)
+            except UsageError as exc:
+                raise UsageError(f"tune.{name}: {exc}") from None
     check_choice("tune.objective", cfg.objective, OBJECTIVES)
-    if cfg.search not in ("grid", "random"):
-        raise UsageError(f"tune.search must be grid or random, got {cfg.search!r}")
+    check_choice("tune.search", cfg.search, ("grid", "random"))
     if not 0 <= cfg.min_accuracy <= 1:
         raise UsageError(f"tune.min_accuracy must be in [0, 1], got {cfg.min_accuracy}")
     if not (math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0):
         raise UsageError(f"tune.max_minutes must be a finite number >= 0 (0 = no budget), got {cfg.max_minutes}")
+    if cfg.n_per_class < 1:
+        raise UsageError(f"tune.n_per_class must be > 0, got {cfg.n_per_class}")
     if OBJECTIVES[cfg.objective].uses_diversity and cfg.n_per_class < 2:
         raise UsageError(f"tune.objective = {cfg.objective} measures the diversity within each class, which needs "
                          f"tune.n_per_class >= 2, got {cfg.n_per_class}")
+
+
+def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
+    """The settings to try, in the order they are tried; all are checked (check_tune) before any sampling starts."""
+    check_tune(cfg, num_codes)
     grid = []
     for g, t, k, p, m in itertools.product(cfg.guidances, cfg.temperatures, cfg.top_ks, cfg.top_ps, cfg.min_ps):
         setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p), "min_p": float(m),
                    "guidance": float(g)}
-        try:
-            check_sampling(setting["temperature"], setting["top_k"], setting["top_p"], num_codes, setting["guidance"],
-                           setting["min_p"])
-        except UsageError as exc:
-            raise UsageError(f"tune: {exc}") from None
         if setting not in grid:
             grid.append(setting)
     if cfg.search == "random":
@@ -145,9 +156,8 @@ def choose_best(rows: list[dict], objective: str, min_accuracy: float) -> tuple[
     """Index of the best row, and whether it reaches min_accuracy.
 
     Among eligible rows the objective decides, then higher accuracy, then the
-    earlier row. With no eligible row the most accurate one wins.
+    earlier row. With no eligible row the most accurate one wins. ``objective`` was checked by check_tune.
     """
-    check_choice("tune.objective", objective, OBJECTIVES)
     eligible = [i for i, r in enumerate(rows) if r["accuracy"] >= min_accuracy]
     if not eligible:
         return min(range(len(rows)), key=lambda i: (-rows[i]["accuracy"], i)), False

@@ -22,13 +22,9 @@ from ..config import RunConfig
 from ..errors import ArtifactError, UsageError
 from ..field import FieldSpec
 from ..fit import load_nefs, spec_from_config
-from ..layout import NEFS_FILE, SPLIT_FILE
+from ..layout import CKPT_FILE, NEFS_FILE, SPLIT_FILE, SUMMARY_FILE
 from ..samples_io import save_samples
 from ..split import load_split
-
-CKPT_FILE = "ckpt.pt"
-SUMMARY_FILE = "train.json"
-LOG_FILE = "train_log.csv"
 
 
 @dataclass

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from .. import field, metrics
 from ..config import RunConfig
 from ..errors import ArtifactError, UsageError
-from .common import CKPT_FILE, Fields, Fitted, load_fields, load_trained, sample_per_class, train_in_one_pass
+from ..layout import CKPT_FILE
+from .common import Fields, Fitted, load_fields, load_trained, sample_per_class, train_in_one_pass
 
 KIND = "copy_noise"
 

@@ -27,13 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..artifacts import save_checkpoint, save_json
 from ..config import DiffusionConfig, RunConfig
-from ..errors import ArtifactError, NefgptError, UsageError
-from ..train import (TrainInterrupted, append_log, autocast_dtype, batch_indices, deferred_signals, resolve_device,
-                     stop_word, truncate_log)
-from .common import CKPT_FILE, LOG_FILE, SUMMARY_FILE, check_range, load_baseline_checkpoint, load_fields, \
-    sample_classes, write_samples
+from ..errors import ArtifactError, UsageError
+from ..layout import CKPT_FILE
+from ..trainer import Task, Trainer, autocast, autocast_dtype, batch_indices, decay_groups, resolve_device
+from .common import check_range, load_baseline_checkpoint, load_fields, sample_classes, write_samples
 
 KIND = "diffusion"
 
@@ -46,18 +44,15 @@ def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> torch.Tensor:
 
 
 def _coefs(alpha_bar: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ab = alpha_bar.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
-    return ab.sqrt(), (1 - ab).sqrt()
+    """sqrt(ab_t) and sqrt(1 - ab_t), shaped to broadcast over `like`; computed in alpha_bar's precision
+    (float64 for sampling, as DDIM always did), then rounded to like's dtype."""
+    ab = alpha_bar.to(like.device)[t].view(-1, *([1] * (like.ndim - 1)))
+    return ab.sqrt().to(like.dtype), (1 - ab).sqrt().to(like.dtype)
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     a, s = _coefs(alpha_bar, t, x0)
     return a * x0 + s * eps
-
-
-def x0_from_eps(x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    a, s = _coefs(alpha_bar, t, x_t)
-    return (x_t - s * eps) / a
 
 
 def eps_from_x0(x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -139,7 +134,7 @@ def ddim_sample(predict_x0: Callable[[torch.Tensor, int], torch.Tensor], shape: 
         if i + 1 == len(ts):
             return x0  # the last step lands on t = 0 with ab = 1: x_0 is the prediction itself
         ab_t, ab_prev = float(ab[t]), float(ab[ts[i + 1]])
-        eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+        eps = eps_from_x0(x, torch.full((len(x),), t), x0, ab)
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
         x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
@@ -159,16 +154,6 @@ def guided_predictor(model: Denoiser, labels: torch.Tensor,
         return uncond + guidance * (cond - uncond)
 
     return predict
-
-
-def lr_at(it: int, elapsed_s: float, cfg: DiffusionConfig) -> float:
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / cfg.warmup_iters
-    progress = (it - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1)
-    if cfg.max_minutes > 0:
-        progress = max(progress, elapsed_s / (60 * cfg.max_minutes))
-    min_lr = cfg.lr * cfg.min_lr_frac
-    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
 
 
 def diffusion_loss(model: Denoiser, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
@@ -192,7 +177,7 @@ def eval_loss(model: Denoiser, x0: torch.Tensor, labels: torch.Tensor, cfg: Diff
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         for xb, eb, lb in zip(x0.split(cfg.batch_size), eps.split(cfg.batch_size), labels.split(cfg.batch_size)):
             t = torch.full((len(xb),), t_value, dtype=torch.long, device=x0.device)
-            with torch.autocast(x0.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with autocast(x0.device, amp):
                 total += float(diffusion_loss(model, xb, t, eb, lb)) * len(xb)
     model.train(was_training)
     return total / (k * len(x0))
@@ -207,13 +192,42 @@ def _check(cfg: RunConfig) -> None:
         raise UsageError("diffusion.device = cuda, but no CUDA device is available")
 
 
+class DiffusionTask(Task):
+    """Denoising at uniform timesteps: batch, timesteps, noise and null classes are seeded by the iteration."""
+
+    def __init__(self, model: Denoiser, cfg: DiffusionConfig, x_train: torch.Tensor, y_train: torch.Tensor,
+                 x_val: torch.Tensor, y_val: torch.Tensor, amp: torch.dtype | None, extra: dict) -> None:
+        self.model, self.model_args = model, dict(model.args)
+        self.optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
+        self.cfg, self.x_train, self.y_train, self.x_val, self.y_val = cfg, x_train, y_train, x_val, y_val
+        self.amp, self.extra, self.null = amp, extra, model.args["num_classes"]
+
+    def batch(self, it: int) -> tuple[torch.Tensor, ...]:
+        d, device = self.cfg, self.x_train.device
+        idx = batch_indices(len(self.x_train), d.batch_size, it, d.seed).to(device)
+        gen = torch.Generator().manual_seed(d.seed * 1_000_003 + it)  # noise depends on the iteration only
+        t = torch.randint(d.timesteps, (len(idx),), generator=gen).to(device)
+        eps = torch.randn(len(idx), self.x_train.shape[1], generator=gen).to(device)
+        labels = torch.where(torch.rand(len(idx), generator=gen).to(device) < d.p_uncond, self.null, self.y_train[idx])
+        return self.x_train[idx], t, eps, labels
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return diffusion_loss(self.model, *batch)
+
+    def evaluate(self) -> float:
+        return eval_loss(self.model, self.x_val, self.y_val, self.cfg, self.amp)
+
+    def checkpoint(self) -> dict:
+        return {**self.extra, "config": vars(self.cfg).copy()}
+
+
 def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> dict:
     """Train from scratch, or with `resume` continue from ckpt.pt (same data order and noise as one long run)."""
     _check(cfg)
     d = cfg.diffusion
     fields = load_fields(cfg, run_dir, "train")
     heldout = load_fields(cfg, run_dir, "heldout")
-    device = resolve_device(d.device)
+    device = resolve_device(d.device, "diffusion.device")
     amp = autocast_dtype(d.dtype, device)
     mean = fields.weights.double().mean(0).float()
     std = fields.weights.double().std(0, correction=0).float().clamp_min(1e-8)
@@ -222,109 +236,28 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = F
     x_val, y_val = ((heldout.weights - mean) / std).to(device), heldout.labels.to(device)
     # The train loss of the summary uses as many training fields as there are held-out ones.
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(d.seed))[: max(len(x_val), 1)]
-    null = fields.num_classes
 
     torch.manual_seed(d.seed)
     model = Denoiser(fields.spec.num_params, fields.num_classes, d.width, d.n_blocks, d.dropout, d.timesteps).to(device)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": d.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=d.lr, betas=(0.9, 0.99))
-    ckpt_path, log_path = run_dir / CKPT_FILE, run_dir / LOG_FILE
-    start, best_val, elapsed_before = 0, float("inf"), 0.0
-    if resume and ckpt_path.exists():
+    task = DiffusionTask(model, d, x_train, y_train, x_val, y_val, amp,
+                         {"norm_mean": mean, "norm_std": std, "nefs_id": fields.nefs_id})
+    trainer = Trainer(task, d, device, amp, run_dir=run_dir, progress=progress, desc="train diffusion",
+                      tokens_per_iter=d.batch_size * x_train.shape[1])  # weights per second, the GPT's tokens
+    if resume and (run_dir / CKPT_FILE).exists():
         ckpt = load_baseline_checkpoint(run_dir, KIND, fields)
         if ckpt["model_args"] != model.args:
-            raise ArtifactError(f"{ckpt_path}: model settings differ from the config; use --force to restart")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, best_val = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-        elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        truncate_log(log_path, start)
+            raise ArtifactError(f"{run_dir / CKPT_FILE}: model settings differ from the config; use --force to restart")
+        trainer.resume(ckpt)
     else:
-        log_path.unlink(missing_ok=True)
+        trainer.fresh()
+    trainer.train()
 
-    t0 = time.time()
-
-    def elapsed() -> float:
-        return elapsed_before + time.time() - t0
-
-    def save(it: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": dict(model.args),
-            "iter_num": it, "best_val_loss": best_val, "norm_mean": mean, "norm_std": std,
-            "nefs_id": fields.nefs_id, "config": vars(d).copy(), "elapsed_s": elapsed(),
-        })
-
-    done, stopped_by, train_loss, last_t, last_it = start, "max_iters", float("nan"), time.time(), start
-    bar = tqdm(range(start, d.max_iters), initial=start, total=d.max_iters, desc="train diffusion",
-               disable=not progress)
-    with deferred_signals() as interrupted, bar:
-        for it in bar:
-            lr = lr_at(it, elapsed(), d)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = batch_indices(len(x_train), d.batch_size, it, d.seed).to(device)
-            gen = torch.Generator().manual_seed(d.seed * 1_000_003 + it)  # noise depends on the iteration only
-            t = torch.randint(d.timesteps, (len(idx),), generator=gen).to(device)
-            eps = torch.randn(len(idx), x_train.shape[1], generator=gen).to(device)
-            labels = torch.where(torch.rand(len(idx), generator=gen).to(device) < d.p_uncond, null, y_train[idx])
-            if d.dropout > 0:
-                torch.manual_seed(d.seed * 1_000_003 + it)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = diffusion_loss(model, x_train[idx], t, eps, labels)
-            if not torch.isfinite(loss.detach()):
-                raise NefgptError(f"train: diffusion loss became {loss.item()} at iteration {it}; "
-                                  f"the last good checkpoint is kept in {ckpt_path}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if d.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
-            optimizer.step()
-            train_loss, done = loss.item(), it + 1
-            out_of_time = d.max_minutes > 0 and elapsed() >= 60 * d.max_minutes
-            last = done == d.max_iters or out_of_time
-            if done % d.eval_interval == 0 or last:
-                val_loss = eval_loss(model, x_val, y_val, d, amp)
-                best_val = min(best_val, val_loss)
-                now = time.time()
-                rate = d.batch_size * x_train.shape[1] * (done - last_it) / max(now - last_t, 1e-9)
-                last_t, last_it = now, done
-                # tokens_per_s counts weights per second, the GPT's tokens.
-                append_log(log_path, [done, f"{lr:.6g}", f"{train_loss:.5f}", f"{val_loss:.5f}",
-                                                   f"{rate:.0f}", f"{elapsed():.1f}"])
-                bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-            if interrupted or last or done % d.ckpt_interval == 0:
-                save(done)
-            if interrupted:
-                raise TrainInterrupted(f"{stop_word(interrupted[0])} at iteration {done}; checkpoint saved to {ckpt_path} "
-                                       "(resume with --resume)", interrupted[0])
-            if out_of_time:
-                stopped_by = "max_minutes"
-                break
-    if done == start:
-        save(done)  # nothing left to train (e.g. a resume of a finished run): keep a complete checkpoint
-
-    summary = {
-        "model": KIND,
-        "iterations": done,
-        "stopped_by": stopped_by,
-        "loss": "x0 mean squared error, per-position standardized weights",
-        "train_loss": eval_loss(model, x_train[pick.to(device)], y_train[pick.to(device)], d, amp),
-        "val_loss": eval_loss(model, x_val, y_val, d, amp),
-        "num_params": model.num_params(),
-        "device": str(device),
-        "autocast": str(amp) if amp else "fp32",
-        "train_seconds": elapsed(),
-        "config": vars(d).copy(),
-    }
-    summary["best_val_loss"] = min(best_val, summary["val_loss"])
-    save_json(run_dir / SUMMARY_FILE, summary)
-    if log_path.exists():
-        from ..figures import save_loss_curve
-
-        save_loss_curve(run_dir / "loss.png", log_path, "x0 MSE (standardized weights)")
-    return summary
+    pick = pick.to(device)
+    summary = trainer.summary(eval_loss(model, x_train[pick], y_train[pick], d, amp),
+                              eval_loss(model, x_val, y_val, d, amp),
+                              head={"model": KIND, "loss": "x0 mean squared error, per-position standardized weights"},
+                              tail={"config": vars(d).copy()})
+    return trainer.write_summary(summary, "x0 MSE (standardized weights)")
 
 
 def load_model(run_dir: Path, fields) -> tuple[Denoiser, dict]:

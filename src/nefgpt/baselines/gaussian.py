@@ -22,7 +22,8 @@ import torch
 
 from ..config import RunConfig
 from ..errors import ArtifactError
-from .common import CKPT_FILE, Fields, Fitted, check_range, load_fields, load_trained, sample_per_class, \
+from ..layout import CKPT_FILE
+from .common import Fields, Fitted, check_range, load_fields, load_trained, sample_per_class, \
     train_in_one_pass
 
 KIND = "gaussian"

@@ -11,6 +11,9 @@ A deterministic regressor yields one field per class. ``regression.noise``
 (default 0) adds Gaussian noise of that many residual stds at every step of
 sampling; the residual std of each position is measured on training fields
 after training and kept in the checkpoint.
+
+Training is nefgpt.trainer's loop (the GPT's): exact resume, and a checkpoint at the
+step boundary on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import train as gpt_train
-from ..artifacts import load_checkpoint, save_checkpoint, save_json
+from ..checkpoint import load_checkpoint
 from ..config import RunConfig
-from ..errors import ArtifactError, NefgptError, UsageError
+from ..errors import ArtifactError, UsageError
 from ..field import FieldSpec
 from ..fit import load_nefs, spec_from_config
+from ..layout import CKPT_FILE, SPLIT_FILE
 from ..model import GPT, Block, GPTConfig, KVCache
 from ..split import load_split
+from ..trainer import Task, Trainer, autocast, autocast_dtype, batch_indices, resolve_device
 
 MODEL_TYPE = "regression"
 MIN_STD = 1e-6  # a weight that no field moved from the anchor would otherwise divide by zero
@@ -118,7 +122,7 @@ def build_model(args: dict) -> RegressionGPT:
 
 
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[RegressionGPT, dict]:
-    path = run_dir / gpt_train.CKPT_FILE
+    path = run_dir / CKPT_FILE
     ckpt = load_checkpoint(path)
     if ckpt.get("model_type") != MODEL_TYPE:
         raise ArtifactError(f"{path}: not a regression-transformer checkpoint (model_type "
@@ -138,7 +142,7 @@ def _training_data(cfg: RunConfig, run_dir: Path) -> tuple[dict, FieldSpec, int]
     n = tensors["weights"].shape[0]
     for key in ("train", "heldout"):
         if not split[key] or max(split[key]) >= n or min(split[key]) < 0:
-            raise ArtifactError(f"{run_dir / 'split.json'}: '{key}' rows are empty or outside nefs.safetensors' {n}")
+            raise ArtifactError(f"{run_dir / SPLIT_FILE}: '{key}' rows are empty or outside nefs.safetensors' {n}")
     data = {}
     for key in ("train", "heldout"):
         rows = torch.tensor(split[key], dtype=torch.long)
@@ -162,7 +166,7 @@ def _eval_loss(model: RegressionGPT, w: torch.Tensor, labels: torch.Tensor, cfg:
     model.eval()
     total = 0.0
     for wb, lb in zip(w.split(cfg.train.batch_size), labels.split(cfg.train.batch_size)):
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             loss = regression_loss(model, _condition(lb, model, cfg, None).to(device),
                                    model.standardize(wb.to(device)), cfg.regression.loss)
         total += float(loss) * len(wb)
@@ -184,103 +188,87 @@ def residual_std(model: RegressionGPT, w: torch.Tensor, labels: torch.Tensor, cf
     return (sq / max(len(w), 1)).sqrt().float()
 
 
-def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> dict:
-    from ..figures import save_loss_curve
+class RegressionTask(Task):
+    """Teacher-forced regression of the standardized weights; class dropout draws from one seeded generator."""
 
-    if resume:
-        raise UsageError("--resume: the regression baseline always trains from the start")
+    def __init__(self, model: RegressionGPT, cfg: RunConfig, args: dict, spec: FieldSpec, data: dict,
+                 device: torch.device, amp: torch.dtype | None) -> None:
+        tc = cfg.train
+        self.model, self.model_args, self.cfg, self.spec, self.device, self.amp = model, args, cfg, spec, device, amp
+        self.optimizer = GPT.configure_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+        (self.train_w, self.train_y), (self.val_w, self.val_y) = data["train"], data["heldout"]
+        self.cond_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + 7)  # class dropout for p_uncond
+
+    def skip_to(self, start: int) -> None:
+        """Advance the class-dropout generator past the draws of iterations 0 .. start-1, as a run that went
+        through them left it (this baseline's order predates per-iteration seeding; every batch has
+        min(batch_size, N) rows, see batch_indices)."""
+        tc = self.cfg.train
+        if tc.conditioning != "none" and tc.p_uncond > 0:
+            rows = min(tc.batch_size, len(self.train_w))
+            for _ in range(start):
+                torch.rand(rows, generator=self.cond_gen)
+
+    def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tc = self.cfg.train
+        idx = batch_indices(len(self.train_w), tc.batch_size, it, tc.seed)
+        labels = _condition(self.train_y[idx], self.model, self.cfg, self.cond_gen).to(self.device)
+        return labels, self.model.standardize(self.train_w[idx].to(self.device))
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return regression_loss(self.model, *batch, self.cfg.regression.loss)
+
+    def evaluate(self) -> float:
+        return _eval_loss(self.model, self.val_w, self.val_y, self.cfg, self.device, self.amp)
+
+    def checkpoint(self) -> dict:
+        return {"model_type": MODEL_TYPE, "field": self.spec.to_meta(),
+                "config": {"train": vars(self.cfg.train).copy(), "regression": vars(self.cfg.regression).copy()}}
+
+    def finish(self) -> None:
+        n_resid = min(len(self.train_w), self.cfg.regression.residual_fields)
+        self.model.resid_std.copy_(residual_std(self.model, self.train_w[:n_resid], self.train_y[:n_resid], self.cfg,
+                                                self.device))
+
+
+def train(cfg: RunConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> dict:
+    """Train from scratch, or with `resume` continue from ckpt.pt (the same steps as one long run)."""
     tc = cfg.train
     data, spec, num_classes = _training_data(cfg, run_dir)
     train_w, train_y = data["train"]
     val_w, val_y = data["heldout"]
-    device = gpt_train.resolve_device(tc.device)
-    amp = gpt_train.autocast_dtype(tc.dtype, device)
+    device = resolve_device(tc.device)
+    amp = autocast_dtype(tc.dtype, device)
     torch.manual_seed(tc.seed)
     args = model_args(cfg, spec.num_params, num_classes)
     model = build_model(args).to(device)
     model.mean.copy_(train_w.mean(0))
     model.std.copy_(train_w.std(0, correction=0).clamp_min(MIN_STD))
-    optimizer = GPT.configure_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
-    ckpt_path, log_path = run_dir / gpt_train.CKPT_FILE, run_dir / gpt_train.LOG_FILE
-    log_path.unlink(missing_ok=True)
-    cond_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + 7)  # class dropout for p_uncond
-    best_val, t0 = float("inf"), time.time()
-    last_t, train_loss = t0, float("nan")
+    task = RegressionTask(model, cfg, args, spec, data, device, amp)
+    trainer = Trainer(task, tc, device, amp, run_dir=run_dir, progress=progress, desc="train regression",
+                      tokens_per_iter=tc.batch_size * spec.num_params)
+    ckpt_path = run_dir / CKPT_FILE
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("model_type") != MODEL_TYPE:
+            raise ArtifactError(f"{ckpt_path}: not a regression-transformer checkpoint (model_type "
+                                f"{ckpt.get('model_type', 'gpt')!r}); use --force to restart")
+        if ckpt.get("model_args") != args:
+            raise ArtifactError(f"{ckpt_path}: model settings differ from the config; use --force to restart")
+        saved = ckpt.get("model", {})
+        if not all(torch.equal(saved.get(k, torch.empty(0)).to(device), getattr(model, k)) for k in ("mean", "std")):
+            raise ArtifactError(f"{ckpt_path}: trained on other fields than this run's; use --force to restart")
+        trainer.resume(ckpt)
+        task.skip_to(trainer.start)
+    else:
+        trainer.fresh()
+    trainer.train()
 
-    def save(it: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": args,
-            "model_type": MODEL_TYPE, "iter_num": it, "best_val_loss": best_val, "field": spec.to_meta(),
-            "config": {"train": vars(tc).copy(), "regression": vars(cfg.regression).copy()},
-            "elapsed_s": time.time() - t0,
-        })
-
-    bar = tqdm(range(tc.max_iters), total=tc.max_iters, desc="train regression", disable=not progress)
-    done, stopped_by = 0, "max_iters"
-    with bar:
-        for it in bar:
-            elapsed = time.time() - t0
-            lr = gpt_train.lr_at(it, tc, elapsed)  # train.max_minutes budgets this loop too
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = gpt_train.batch_indices(len(train_w), tc.batch_size, it, tc.seed)
-            labels = _condition(train_y[idx], model, cfg, cond_gen).to(device)
-            z = model.standardize(train_w[idx].to(device))
-            if tc.dropout > 0:
-                torch.manual_seed(tc.seed * 1_000_003 + it)  # dropout masks depend on the iteration only
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = regression_loss(model, labels, z, cfg.regression.loss)
-            if not torch.isfinite(loss.detach()):
-                raise NefgptError(f"{ckpt_path}: regression loss became {loss.item()} at iteration {it}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            train_loss = loss.item()
-            done = it + 1
-            out_of_time = tc.max_minutes > 0 and time.time() - t0 >= 60 * tc.max_minutes
-            final = done == tc.max_iters or out_of_time
-            if done % tc.eval_interval == 0 or final:
-                val_loss = _eval_loss(model, val_w, val_y, cfg, device, amp)
-                best_val = min(best_val, val_loss)
-                now = time.time()
-                steps = done - max(0, done - tc.eval_interval)
-                rate = tc.batch_size * spec.num_params * steps / max(now - last_t, 1e-9)
-                last_t = now
-                gpt_train.append_log(log_path, [done, f"{lr:.6g}", f"{train_loss:.5f}",
-                                                 f"{val_loss:.5f}", f"{rate:.0f}", f"{now - t0:.1f}"])
-                bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-            if done % tc.ckpt_interval == 0 and not final:
-                save(done)
-            if out_of_time:
-                stopped_by = "max_minutes"
-                break
-
-    n_resid = min(len(train_w), cfg.regression.residual_fields)
-    model.resid_std.copy_(residual_std(model, train_w[:n_resid], train_y[:n_resid], cfg, device))
-    save(done)
     final_train = _eval_loss(model, train_w[: len(val_w)], train_y[: len(val_w)], cfg, device, amp)
     final_val = _eval_loss(model, val_w, val_y, cfg, device, amp)
-    summary = {
-        "model": MODEL_TYPE,
-        "loss": cfg.regression.loss,
-        "iterations": done,
-        "stopped_by": stopped_by,
-        "max_minutes": tc.max_minutes,
-        "train_loss": final_train,
-        "val_loss": final_val,
-        "best_val_loss": min(best_val, final_val),
-        "residual_std_mean": float(model.resid_std.mean()),
-        "num_params": model.num_params(),
-        "device": str(device),
-        "autocast": str(amp) if amp else "fp32",
-        "train_seconds": time.time() - t0,
-    }
-    save_json(run_dir / gpt_train.SUMMARY_FILE, summary)
-    if log_path.exists():
-        save_loss_curve(run_dir / "loss.png", log_path, f"{cfg.regression.loss.upper()} (standardized weights)")
-    return summary
+    summary = trainer.summary(final_train, final_val, head={"model": MODEL_TYPE, "loss": cfg.regression.loss},
+                              tail={"residual_std_mean": float(model.resid_std.mean())})
+    return trainer.write_summary(summary, f"{cfg.regression.loss.upper()} (standardized weights)")
 
 
 @torch.no_grad()
@@ -319,10 +307,10 @@ def sample(cfg: RunConfig, run_dir: Path, progress: bool = True, labels: list[in
     from ..samples_io import save_samples
 
     sc, rc = cfg.sample, cfg.regression
-    ckpt_path = run_dir / gpt_train.CKPT_FILE
+    ckpt_path = run_dir / CKPT_FILE
     if not (math.isfinite(rc.noise) and rc.noise >= 0):
         raise UsageError(f"regression.noise must be a finite number >= 0, got {rc.noise}")
-    model, ckpt = load_model(run_dir, gpt_train.resolve_device(cfg.train.device))
+    model, ckpt = load_model(run_dir, resolve_device(cfg.train.device))
     spec = FieldSpec.from_meta(ckpt.get("field", {}), str(ckpt_path))
     spec.check_matches(spec_from_config(cfg.fit), str(ckpt_path))
     if spec.num_params != model.config.block_size:
