@@ -64,3 +64,18 @@ def npz_writer():
 def tiny_npz(tmp_path: Path) -> Path:
     """An npz dataset of 60 28x28 images, 6 per class."""
     return write_npz(tmp_path / "tiny.npz")
+
+
+def assert_same_checkpoint(a: Path, b: Path, iter_num: int) -> None:
+    """Two runs' checkpoints hold the same iteration, model, optimizer state and best loss, bit for bit."""
+    ca, cb = (torch.load(path, weights_only=True) for path in (a, b))
+    assert ca["iter_num"] == cb["iter_num"] == iter_num
+    assert ca["model"].keys() == cb["model"].keys()
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for name in sa[k]:
+            assert torch.equal(sa[k][name], sb[k][name]), (k, name)
+    assert ca["best_val_loss"] == cb["best_val_loss"]

@@ -20,7 +20,7 @@ from nefgpt.baselines import diffusion, gaussian, marginals
 from nefgpt.baselines.common import load_fields
 from nefgpt.cli import main
 from nefgpt.config import RunConfig, apply_overrides
-from nefgpt.trainer import LOG_COLUMNS
+from nefgpt.train_log import LOG_COLUMNS
 
 TOY = [
     "data.heldout_per_class=2", "data.tune_per_class=1", "fit.steps=10", "fit.anchor_steps=20",

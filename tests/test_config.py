@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nefgpt import config
-from nefgpt.config import RunConfig, apply_overrides, from_dict, load_preset, validate
+from nefgpt import config, validation
+from nefgpt.config import RunConfig, apply_overrides, from_dict, load_preset
+from nefgpt.validation import validate
 from nefgpt.errors import UsageError
 from nefgpt.field import FieldSpec
 from nefgpt.model import GPT
@@ -263,9 +264,9 @@ def test_unknown_base_is_an_error_naming_the_file(tmp_path):
 
 
 def test_vocab_check_uses_the_datas_class_count():
-    config.check_vocab_size(65536 - 1 - 20, 20)
+    validation.check_vocab_size(65536 - 1 - 20, 20)
     with pytest.raises(UsageError, match="tokenize.num_codes is too large.*21 classes"):
-        config.check_vocab_size(65536 - 1 - 20, 21)
+        validation.check_vocab_size(65536 - 1 - 20, 21)
 
 
 def test_defaults_stay_the_values_that_reproduce_older_config_json():

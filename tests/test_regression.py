@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_checkpoint
 
 from nefgpt import config as config_mod
 from nefgpt.artifacts import load_tensors, save_checkpoint
 from nefgpt.baselines import regression as reg
 from nefgpt.cli import main
 from nefgpt.errors import ArtifactError, UsageError
-from nefgpt.trainer import LOG_COLUMNS
+from nefgpt.train_log import LOG_COLUMNS
 
 SETTINGS = [
     "data.heldout_per_class=2", "data.tune_per_class=1",
@@ -228,16 +229,7 @@ EXACT = ("train.max_iters=12", "train.eval_interval=3", "train.ckpt_interval=4",
 
 
 def assert_same_training(a: Path, b: Path) -> None:
-    ca, cb = (torch.load(r / "ckpt.pt", weights_only=True) for r in (a, b))
-    assert ca["iter_num"] == cb["iter_num"] == 12
-    for k, v in ca["model"].items():
-        assert torch.equal(v, cb["model"][k]), k
-    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        for name in sa[k]:
-            assert torch.equal(sa[k][name], sb[k][name]), (k, name)
-    assert ca["best_val_loss"] == cb["best_val_loss"]
+    assert_same_checkpoint(a / "ckpt.pt", b / "ckpt.pt", iter_num=12)
     cols = slice(0, 4)  # iter, lr, train_loss, val_loss (not the timings)
     la, lb = ([row.split(",")[cols] for row in (r / "train_log.csv").read_text().splitlines()] for r in (a, b))
     assert la == lb and [row[0] for row in la[1:]] == ["3", "6", "9", "12"]

@@ -16,7 +16,8 @@ from nefgpt.artifacts import load_tensors
 from nefgpt.config import RunConfig, SampleConfig, apply_overrides
 from nefgpt.errors import UsageError
 from nefgpt.model import GPT, GPTConfig
-from nefgpt.generate import check_guidance, check_sampling, condition_tokens, filter_logits, generate
+from nefgpt.validation import check_sampling
+from nefgpt.generate import check_guidance, condition_tokens, filter_logits, generate
 from nefgpt.layout import SAMPLES_FILE
 from nefgpt.sample import run_sample
 from nefgpt.tokenizer import Vocab

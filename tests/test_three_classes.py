@@ -83,3 +83,14 @@ def _per_class_tables(node, where="metrics"):
                 yield path, value
             else:
                 yield from _per_class_tables(value, path)
+
+
+def test_the_sampling_estimate_counts_an_npz_sets_classes_before_fit(tmp_path):
+    # Before `fit` has written split.json, the sampling-time estimate reads the class count from the data.
+    from nefgpt import data
+
+    images, labels = synthetic_digits(per_class=2, num_classes=NUM_CLASSES)
+    npz = tmp_path / "three.npz"
+    np.savez(npz, images=images, labels=labels)
+    assert data.class_count(f"npz:{npz}") == NUM_CLASSES
+    assert data.class_count("mnist") == data.class_count("fashion-mnist") == 10  # no data read for the built-ins

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_checkpoint
 
 from nefgpt import checkpoint, distributed, layout, train, trainer
 from nefgpt.artifacts import save_json, save_tensors
@@ -19,6 +20,7 @@ from nefgpt.config import RunConfig, TrainConfig, apply_overrides
 from nefgpt.errors import ArtifactError, NefgptError, UsageError
 from nefgpt.field import FieldSpec
 from nefgpt.layout import TOKENIZER_FILE, TOKENS_FILE
+from nefgpt.train_log import LOG_COLUMNS
 from nefgpt.model import GPT, GPTConfig
 from nefgpt.tokenizer import Vocab, save_tokenizer, tokenizer_id
 
@@ -140,7 +142,7 @@ def test_run_train_lowers_the_loss(tmp_path):
     assert json.loads((run / layout.SUMMARY_FILE).read_text()) == summary
 
     log = read_log(run / layout.LOG_FILE)
-    assert list(log[0]) == list(trainer.LOG_COLUMNS)
+    assert list(log[0]) == list(LOG_COLUMNS)
     assert [int(r["iter"]) for r in log] == [10, 20, 30, 40]
     assert float(log[-1]["val_loss"]) < float(log[0]["val_loss"])
 
@@ -190,17 +192,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, 
     train.run_train(c, whole, progress=False)
     interrupted_then_resumed(part, c, crash_at=7, monkeypatch=monkeypatch)  # checkpoint at 6, crash at 7
 
-    a = torch.load(whole / layout.CKPT_FILE, weights_only=True)
-    b = torch.load(part / layout.CKPT_FILE, weights_only=True)
-    assert a["iter_num"] == b["iter_num"] == 12
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        for name in sa[k]:
-            assert torch.equal(sa[k][name], sb[k][name]), (k, name)
-    assert a["best_val_loss"] == b["best_val_loss"]
+    assert_same_checkpoint(whole / layout.CKPT_FILE, part / layout.CKPT_FILE, iter_num=12)
 
     # The log of the resumed run has each evaluation once, with the same numbers.
     cols = ("iter", "lr", "train_loss", "val_loss")

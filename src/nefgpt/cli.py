@@ -246,12 +246,14 @@ def check_out(run_dir: Path) -> None:
 
 def check_sampling_budget(cfg: RunConfig, run_dir: Path, labels: list[int] | None, force: bool) -> None:
     """Refuse an absurd sample.n_per_class before any work; warn on stderr when sampling would run long."""
-    classes = data.NUM_CLASSES  # until `fit` has split the data: the built-in datasets' count
+    classes = None
     try:
         if (run_dir / SPLIT_FILE).exists():
             classes = int(load_json(run_dir / SPLIT_FILE)["num_classes"])
     except (NefgptError, KeyError, TypeError, ValueError):
         pass  # the stages report a bad split themselves
+    if classes is None and not labels:  # before `fit` has split the data (a bad dataset fails here, before any work)
+        classes = data.class_count(cfg.data.dataset)
     seconds, measured = None, False
     try:
         if (run_dir / SAMPLES_FILE).exists():
@@ -278,7 +280,7 @@ def _raise_terminated(signum, frame) -> None:
 def sigterm_unwinds() -> Callable[[], None]:
     """Make SIGTERM raise `Terminated` in the main thread, so a command stops as on Ctrl-C; returns the undo.
 
-    Training defers it to a step boundary instead (train.deferred_signals). An ignored SIGTERM stays ignored.
+    Training defers it to a step boundary instead (trainer.deferred_signals). An ignored SIGTERM stays ignored.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None

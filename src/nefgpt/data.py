@@ -139,7 +139,7 @@ def _load_idx(path: Path, name: str) -> Dataset:
         raise DataError(f"{path}: no such file or directory")
     pairs = _idx_pairs_in_dir(path) if path.is_dir() else [(path, _labels_path_for(path))]
     images, labels = _read_idx_pairs(pairs)
-    return Dataset(images, labels, name, NUM_CLASSES)
+    return Dataset(images, labels, name, NUM_CLASSES)  # the idx format is MNIST's: labels 0..9
 
 
 def _idx_pairs_in_dir(directory: Path) -> list[tuple[Path, Path]]:
@@ -235,10 +235,21 @@ def _load_npz(path: Path, name: str) -> Dataset:
         raise DataError(f"{path}: images have dtype {images.dtype}; expected uint8 (0..255) or float in [0, 1]")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{path}: labels have dtype {labels.dtype}; expected integers")
-    # The classes are 0..K-1 for the K distinct labels present (a class without images could not be split), so a
-    # 3-class archive gets 3 class tokens, not MNIST's 10; a gap in the numbering fails Dataset's range check.
-    num_classes = len(np.unique(labels)) if labels.size else NUM_CLASSES
-    return Dataset(pixels, torch.from_numpy(labels.astype(np.int64)), name, num_classes)
+    return Dataset(pixels, torch.from_numpy(labels.astype(np.int64)), name, _count_classes(labels))
+
+
+def _count_classes(labels: np.ndarray) -> int:
+    """A user dataset's classes are 0..K-1 for the K distinct labels present.
+
+    A class without images could not be split, so a 3-class set gets 3 class tokens, not MNIST's 10; a gap in
+    the numbering fails Dataset's range check with the offending label.
+    """
+    return len(np.unique(labels)) if labels.size else NUM_CLASSES
+
+
+def class_count(spec: str) -> int:
+    """How many classes dataset `spec` has: 10 for MNIST's formats without reading them; an npz: set is read."""
+    return load_dataset(spec).num_classes if spec.startswith("npz:") else NUM_CLASSES
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,6 @@ import math
 
 import torch
 
-from .config import check_sampling  # noqa: F401  (the one sampling check; sample, tune and api import it from here)
 from .errors import UsageError
 from .model import GPT, KVCache
 from .tokenizer import Vocab

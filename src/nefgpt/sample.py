@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checked_model, load_model  # noqa: F401  (public here before)
+from .checkpoint import load_checked_model
 from .config import SampleConfig
+from .validation import check_sampling
 from .errors import UsageError
-from .generate import check_guidance, check_sampling, generate, trained_config
+from .generate import check_guidance, generate, trained_config
 from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples

@@ -25,7 +25,8 @@ import torch
 
 from . import field
 from .artifacts import load_tensors, save_json, save_tensors
-from .config import TokenizerConfig, check_vocab_size
+from .config import TokenizerConfig
+from .validation import check_vocab_size
 from .errors import ArtifactError, UsageError
 from .field import FieldSpec
 from .fit import load_nefs

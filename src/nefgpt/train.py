@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import load_checkpoint, load_model, saved_model_args  # noqa: F401  (load_model: public here before)
+from .checkpoint import load_checkpoint, saved_model_args
 from .config import TrainConfig
 from .errors import ArtifactError, NefgptError, UsageError
 from .field import FieldSpec
@@ -33,8 +33,8 @@ from .model import GPT, GPTConfig
 from .split import load_split
 from .tokenizer import Vocab, load_tokenizer, load_tokens
 # The loop's names, public here before the loop moved to nefgpt.trainer.
-from .trainer import (LOG_COLUMNS, NonFiniteLoss, Task, Trainer, TrainInterrupted, autocast,  # noqa: F401
-                      autocast_dtype, batch_indices, deferred_signals, lr_at, resolve_device, stop_word)
+from .trainer import (NonFiniteLoss, Task, Trainer, TrainInterrupted, autocast, autocast_dtype, batch_indices,
+                      resolve_device)
 
 
 def build_sequences(tokens: torch.Tensor, labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:

@@ -36,11 +36,12 @@ from . import field, metrics
 from .artifacts import load_json, save_json, write_bytes
 from .checkpoint import load_checked_model
 from .classifier import get_classifier, score_images
-from .config import RunConfig, TuneConfig, check_choice
+from .config import RunConfig, TuneConfig
+from .validation import check_choice, check_sampling
 from .errors import ArtifactError, UsageError
 from .figures import save_tune_heatmap
 from .fit import load_nefs
-from .generate import check_guidance, check_sampling, generate, trained_config
+from .generate import check_guidance, generate, trained_config
 from .layout import CKPT_FILE, SPLIT_FILE, TOKENIZER_FILE, TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
 from .split import balanced_indices, load_split_images
 from .tokenizer import load_tokenizer

@@ -1,0 +1,131 @@
+"""Validation of a resolved configuration: one check per setting, each naming the setting in its message.
+
+`config` calls `validate` on every configuration it builds; the stages call the single-setting checks
+(`check_sampling`, `check_choice`, `check_vocab_size`) on values that come from elsewhere (a tune grid, the
+data's class count), so each rule is written once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from .baselines import BASELINES
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+
+_NON_NEGATIVE = {
+    "data": ("subset_per_class", "tune_per_class"),
+    "fit": ("steps", "anchor_steps"),
+    "tokenize": ("max_iters",),
+    "train": ("max_iters", "warmup_iters", "head_dim", "max_minutes", "pos_bias_decay", "hl_sigma",
+              "pos_bias_lr_mult"),
+    "tune": ("budget",),  # the other [tune] settings: nefgpt.tune.check_tune; the sampling ones: check_sampling
+    "regression": ("noise",),
+    "diffusion": ("dropout", "p_uncond", "max_minutes", "min_lr_frac", "warmup_iters", "weight_decay", "grad_clip",
+                  "eta", "clip_x0"),
+}
+_POSITIVE = {
+    "data": ("heldout_per_class",),
+    "fit": ("octaves", "batch_size", "chunk_size", "lr", "anchor_lr"),
+    "tokenize": ("num_codes",),
+    "train": ("n_layer", "n_head", "n_embd", "batch_size", "lr", "eval_interval", "ckpt_interval"),
+    "sample": ("n_per_class", "batch_size"),
+    "evaluate": ("classifier_epochs", "classifier_batch_size", "classifier_lr"),
+    "regression": ("residual_fields",),
+    "diffusion": ("width", "n_blocks", "timesteps", "batch_size", "max_iters", "lr", "eval_interval",
+                  "ckpt_interval", "eval_timesteps", "sample_steps"),
+}
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
+                   min_p: float = 0.0, prefix: str = "", num_codes_name: str = "") -> None:
+    """The one check of the sampling values (config validation, `sample`, `tune` and the API all call it).
+
+    ``prefix`` names their section in the messages ("sample."); ``num_codes_name`` names top-k's bound.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"{prefix}temperature must be a finite number >= 0, got {temperature}")
+    if top_k != 0 and not (isinstance(top_k, int) and 1 <= top_k <= num_codes):
+        bound = f"{num_codes_name} = {num_codes}" if num_codes_name else str(num_codes)
+        raise UsageError(f"{prefix}top_k must be 0 (off) or between 1 and {bound}, got {top_k}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):  # also refuses NaN
+        raise UsageError(f"{prefix}top_p must be in (0, 1], got {top_p}")
+    if not (isinstance(min_p, (int, float)) and 0 <= min_p < 1):  # also refuses NaN
+        raise UsageError(f"{prefix}min_p must be in [0, 1) (0 is off), got {min_p}")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise UsageError(f"{prefix}guidance must be a finite number >= 0, got {guidance}")
+
+
+def check_choice(dotted: str, value: Any, choices: Any) -> None:
+    """The one check of a setting with a fixed set of values (``choices``: any iterable of names)."""
+    if value not in choices:
+        raise UsageError(f"{dotted} must be one of {', '.join(choices)}, got {value!r}")
+
+
+_CHOICES = {
+    ("fit", "init"): ("shared", "random"),
+    ("tokenize", "init"): ("quantile", "random"),
+    ("tokenize", "offsets"): ("none", "raw", "position", "layer"),
+    ("train", "dtype"): ("auto", "bf16", "fp32"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "model"): ("gpt", *BASELINES),
+    ("train", "conditioning"): ("class", "none"),
+    ("train", "pos_bias"): ("none", "position", "class"),
+    ("regression", "loss"): ("mse", "l1"),
+    ("diffusion", "dtype"): ("auto", "bf16", "fp32"),
+    ("diffusion", "device"): ("auto", "cpu", "cuda"),
+    ("baseline", "covariance"): ("full", "diag"),
+}
+
+
+MAX_VOCAB = 65536
+
+
+def check_vocab_size(num_codes: int, num_classes: int) -> None:
+    """codes + SOS + one token per class must fit the token ids; the data (its split) gives num_classes."""
+    if num_codes + 1 + num_classes > MAX_VOCAB:
+        raise UsageError(f"tokenize.num_codes is too large: {num_codes} codes + SOS + {num_classes} classes "
+                         f"exceed {MAX_VOCAB} tokens")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Reject values that can't work, with the setting's name in the message."""
+    from .tune import SAMPLING_KEYS, check_tune  # imported here: tune imports config
+
+    for table, positive in ((_NON_NEGATIVE, False), (_POSITIVE, True)):
+        for section, keys in table.items():
+            for key in keys:
+                v = getattr(getattr(cfg, section), key)
+                if not (v > 0 if positive else v >= 0) or (isinstance(v, float) and not math.isfinite(v)):  # NaN, inf
+                    raise UsageError(f"{section}.{key} must be " + ("> 0" if positive else "a finite number >= 0")
+                                     + f", got {v}")
+    for (section, key), choices in _CHOICES.items():
+        check_choice(f"{section}.{key}", getattr(getattr(cfg, section), key), choices)
+    if not cfg.fit.hidden or min(cfg.fit.hidden) < 1:
+        raise UsageError(f"fit.hidden must be a non-empty list of positive sizes, got {cfg.fit.hidden}")
+    check_vocab_size(cfg.tokenize.num_codes, 1)  # the class count comes with the data: checked again at tokenize
+    if cfg.tokenize.offsets != "none" and cfg.fit.init != "shared":
+        raise UsageError(f"tokenize.offsets = {cfg.tokenize.offsets} needs fit.init = shared: random-init fields have "
+                         "no shared anchor to take offsets from (use tokenize.offsets = none)")
+    # Sampling values are checked here too, so a bad --temperature/--top-p/--top-k is refused before
+    # config.json is saved and before `sample` clears its old outputs (`sample` and `tune` call the same check).
+    s = cfg.sample
+    check_sampling(s.temperature, s.top_k, s.top_p, cfg.tokenize.num_codes, s.guidance, s.min_p,
+                   prefix="sample.", num_codes_name="tokenize.num_codes")
+    unknown = [k for k in s.explicit if k not in SAMPLING_KEYS]
+    if unknown:
+        raise UsageError(f"sample.explicit lists {', '.join(unknown)}: not a sampling key ({', '.join(SAMPLING_KEYS)})")
+    check_tune(cfg.tune, cfg.tokenize.num_codes)
+    t = cfg.train
+    if not 0 <= t.p_uncond <= 1:  # also refuses NaN
+        raise UsageError(f"train.p_uncond must be in [0, 1], got {t.p_uncond}")
+    # Guidance mixes class and null-class predictions: only a model that learned both can give them
+    # (generate.check_guidance checks the checkpoint's own config: a different rule, on the trained model).
+    if s.guidance != 1 and t.model == "gpt" and (t.conditioning != "class" or t.p_uncond == 0):
+        raise UsageError(f"sample.guidance = {s.guidance} needs train.conditioning = class and train.p_uncond > 0 "
+                         f"(null-class dropout), got conditioning = {t.conditioning}, p_uncond = {t.p_uncond}")
+    return cfg
