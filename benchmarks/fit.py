@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from nefgpt import field
 from nefgpt.config import FitConfig
 from nefgpt.data import load_dataset
-from nefgpt.fit import fit_anchor, fit_batch, spec_from_config
+from nefgpt.fields_io import spec_from_config
+from nefgpt.fit import fit_anchor, fit_batch
 
 
 def reference_loop(spec, init, images, targets_db, max_epochs: int, check_every: int, lr: float = 4e-3,

@@ -20,7 +20,8 @@ import torch
 from nefgpt import field
 from nefgpt.config import FitConfig
 from nefgpt.data import load_dataset
-from nefgpt.fit import fit_anchor, fit_batch, spec_from_config
+from nefgpt.fields_io import spec_from_config
+from nefgpt.fit import fit_anchor, fit_batch
 from nefgpt.weight_stats import init_stats, save_position_std_figure
 
 

@@ -17,7 +17,7 @@ from nefgpt.config import load_preset
 from nefgpt.data import NUM_CLASSES
 from nefgpt.generate import generate
 from nefgpt.model import GPT
-from nefgpt.tokenizer import Vocab
+from nefgpt.codebook import Vocab
 from nefgpt.train import model_config
 
 

@@ -33,7 +33,7 @@ from nefgpt import hardware
 from nefgpt.config import load_preset
 from nefgpt.data import NUM_CLASSES
 from nefgpt.model import GPT
-from nefgpt.tokenizer import Vocab
+from nefgpt.codebook import Vocab
 from nefgpt.train import autocast_dtype, model_config, sequence_loss
 
 

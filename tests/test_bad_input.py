@@ -239,7 +239,7 @@ def test_fit_refuses_an_anchor_of_another_architecture(tiny_npz, tmp_path):
 
 
 def test_load_nefs_checks_the_configured_architecture(run):
-    from nefgpt.fit import load_nefs
+    from nefgpt.fields_io import load_nefs
 
     load_nefs(run, FieldSpec())
     with pytest.raises(ArtifactError, match="differs from the configured"):
@@ -557,7 +557,7 @@ def test_errors_are_nefgpt_errors():
 
 
 def test_one_dimensional_weights_in_nefs(tmp_path):
-    from nefgpt.fit import load_nefs
+    from nefgpt.fields_io import load_nefs
 
     artifacts.save_tensors(tmp_path / "nefs.safetensors", {"weights": torch.zeros(3), "psnr": torch.zeros(3),
                                                            "labels": torch.zeros(3, dtype=torch.int64)},

@@ -228,7 +228,7 @@ def test_marginal_counts_and_cross_entropy_by_hand():
 
 
 def test_marginals_trains_samples_and_is_scored(fitted, tmp_path):
-    from nefgpt.tokenizer import load_tokenizer, load_tokens
+    from nefgpt.codebook import load_tokenizer, load_tokens
 
     run = run_copy(fitted, tmp_path)
     settings = [*fitted[1], "train.model=marginals", "sample.temperature=1.0"]  # the histogram itself

@@ -13,7 +13,7 @@ from nefgpt.validation import validate
 from nefgpt.errors import UsageError
 from nefgpt.field import FieldSpec
 from nefgpt.model import GPT
-from nefgpt.tokenizer import Vocab
+from nefgpt.codebook import Vocab
 from nefgpt.train import model_config
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nefgpt import field, fit, layout
+from nefgpt import field, fields_io, fit, layout
 from nefgpt.artifacts import load_tensors
 from nefgpt.config import DataConfig, FitConfig
 from nefgpt.errors import ArtifactError
@@ -113,10 +113,10 @@ def test_run_fit_writes_fields_and_a_stratified_split(tiny_npz, tmp_path):
     assert torch.equal(labels, ds_labels)
     torch.testing.assert_close(field.psnr(field.render(SPEC, tensors["weights"]), images), tensors["psnr"])
 
-    nefs, nef_meta = fit.load_nefs(run, SPEC)
+    nefs, nef_meta = fields_io.load_nefs(run, SPEC)
     assert nef_meta["spec"] == SPEC
     with pytest.raises(ArtifactError, match="nefs.safetensors"):
-        fit.load_nefs(run, FieldSpec(octaves=3))
+        fields_io.load_nefs(run, FieldSpec(octaves=3))
 
 
 def test_subset_per_class_limits_the_fields(tiny_npz, tmp_path):

@@ -30,9 +30,9 @@ from nefgpt import metrics
 from nefgpt.artifacts import load_tensors
 from nefgpt.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, decode_idx, load_dataset
 from nefgpt.errors import NefgptError
-from nefgpt.fit import load_nefs
+from nefgpt.fields_io import load_nefs
 from nefgpt.generate import filter_logits
-from nefgpt.tokenizer import load_tokenizer
+from nefgpt.codebook import load_tokenizer
 
 N = int(os.environ.get("NEFGPT_FUZZ_EXAMPLES", "0"))
 

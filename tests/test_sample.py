@@ -20,7 +20,7 @@ from nefgpt.validation import check_sampling
 from nefgpt.generate import check_guidance, condition_tokens, filter_logits, generate
 from nefgpt.layout import SAMPLES_FILE
 from nefgpt.sample import run_sample
-from nefgpt.tokenizer import Vocab
+from nefgpt.codebook import Vocab
 
 FAST = settings(max_examples=80, deadline=None)
 # Rows of logits without ties (at least 0.01 apart, so no temperature makes two of them equal in float32).

@@ -15,7 +15,7 @@ from conftest import synthetic_digits
 from nefgpt.artifacts import load_tensors
 from nefgpt.cli import main
 from nefgpt.errors import UsageError
-from nefgpt.tokenizer import load_tokenizer
+from nefgpt.codebook import load_tokenizer
 
 NUM_CLASSES = 3
 

@@ -11,13 +11,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nefgpt import fit, layout, tokenizer
+from nefgpt import codebook as codebook_io
+from nefgpt import fields_io, fit, layout, tokenizer
 from nefgpt.artifacts import load_tensors, save_tensors
 from nefgpt.config import DataConfig, FitConfig, TokenizerConfig
 from nefgpt.errors import ArtifactError
 from nefgpt.field import FieldSpec
 from nefgpt.split import load_split_images
-from nefgpt.tokenizer import Vocab, assign, learn_codebook
+from nefgpt.codebook import Vocab, assign
+from nefgpt.tokenizer import learn_codebook
 
 
 def test_vocab_layout_defaults():
@@ -139,21 +141,21 @@ def test_a_small_far_cluster_keeps_its_code():
 def test_tokenizer_id_is_a_stable_content_hash():
     codebook = torch.tensor([-1.0, 0.0, 0.5, 2.0])
     expected = hashlib.sha256(np.array([-1.0, 0.0, 0.5, 2.0], dtype=np.float32).tobytes()).hexdigest()[:16]
-    assert tokenizer.tokenizer_id(codebook) == expected
-    assert tokenizer.tokenizer_id(codebook.double()) == expected  # hashed as float32
-    assert tokenizer.tokenizer_id(codebook.clone()) == expected
-    assert tokenizer.tokenizer_id(torch.tensor([-1.0, 0.0, 0.5, 2.5])) != expected
+    assert codebook_io.tokenizer_id(codebook) == expected
+    assert codebook_io.tokenizer_id(codebook.double()) == expected  # hashed as float32
+    assert codebook_io.tokenizer_id(codebook.clone()) == expected
+    assert codebook_io.tokenizer_id(torch.tensor([-1.0, 0.0, 0.5, 2.5])) != expected
 
 
 def test_save_load_round_trip(tmp_path):
     codebook = torch.linspace(-1, 1, 245)
     vocab, spec = Vocab(245, 10), FieldSpec(octaves=3, hidden=(8,))
     path = tmp_path / layout.TOKENIZER_FILE
-    tokenizer.save_tokenizer(path, codebook, vocab, spec)
-    tok = tokenizer.load_tokenizer(path)
+    codebook_io.save_tokenizer(path, codebook, vocab, spec)
+    tok = codebook_io.load_tokenizer(path)
     cb, v, s, tid = tok.codebook, tok.vocab, tok.spec, tok.id
     assert torch.equal(cb, codebook) and v == vocab and s == spec
-    assert tid == tokenizer.tokenizer_id(codebook)
+    assert tid == codebook_io.tokenizer_id(codebook)
     assert tok.offsets == "none" and tok.reference is None and tok.scale is None
     _, meta = load_tensors(path)
     assert meta["vocab_size"] == 256 and meta["tokenizer_id"] == tid
@@ -162,30 +164,30 @@ def test_save_load_round_trip(tmp_path):
 def test_corrupt_or_invalid_tokenizer_raises_artifact_error(tmp_path):
     path = tmp_path / layout.TOKENIZER_FILE
     with pytest.raises(ArtifactError, match="tokenizer.safetensors"):
-        tokenizer.load_tokenizer(path)  # missing
+        codebook_io.load_tokenizer(path)  # missing
     path.write_bytes(b"\x00garbage" * 50)
     with pytest.raises(ArtifactError, match="tokenizer.safetensors"):
-        tokenizer.load_tokenizer(path)
+        codebook_io.load_tokenizer(path)
     path.write_bytes(b"")
     with pytest.raises(ArtifactError, match="tokenizer.safetensors"):
-        tokenizer.load_tokenizer(path)
+        codebook_io.load_tokenizer(path)
 
     spec_meta = {"field": FieldSpec().to_meta()}
     save_tensors(path, {"codebook": torch.tensor([1.0, 0.0, 2.0])}, {"num_codes": 3, "num_classes": 10, **spec_meta})
     with pytest.raises(ArtifactError, match="sorted"):
-        tokenizer.load_tokenizer(path)
+        codebook_io.load_tokenizer(path)
     save_tensors(path, {"codebook": torch.tensor([0.0, 1.0])}, {"num_codes": 3, "num_classes": 10, **spec_meta})
     with pytest.raises(ArtifactError):
-        tokenizer.load_tokenizer(path)  # wrong length
+        codebook_io.load_tokenizer(path)  # wrong length
     save_tensors(path, {"codebook": torch.tensor([0.0, 1.0])}, spec_meta)
     with pytest.raises(ArtifactError, match="vocabulary"):
-        tokenizer.load_tokenizer(path)  # no vocabulary metadata
+        codebook_io.load_tokenizer(path)  # no vocabulary metadata
     save_tensors(path, {"codebook": torch.tensor([0.0, float("nan")])}, {"num_codes": 2, "num_classes": 10, **spec_meta})
     with pytest.raises(ArtifactError, match="NaN"):
-        tokenizer.load_tokenizer(path)
+        codebook_io.load_tokenizer(path)
     save_tensors(path, {"codebook": torch.tensor([0, 1], dtype=torch.int64)}, {"num_codes": 2, "num_classes": 10, **spec_meta})
     with pytest.raises(ArtifactError, match="dtype"):
-        tokenizer.load_tokenizer(path)
+        codebook_io.load_tokenizer(path)
 
 
 def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
@@ -193,7 +195,7 @@ def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
     fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
                 FitConfig(steps=5, anchor_steps=10, init="random"), run, progress=False)
     report = tokenizer.run_tokenize(TokenizerConfig(num_codes=32, max_iters=20), run)
-    tok = tokenizer.load_tokenizer(run / layout.TOKENIZER_FILE)
+    tok = codebook_io.load_tokenizer(run / layout.TOKENIZER_FILE)
     codebook, vocab, spec, tid = tok.codebook, tok.vocab, tok.spec, tok.id
     assert vocab == Vocab(32, 10) and spec == FieldSpec()
     assert tok.offsets == "none" and report["offsets"] == "none"
@@ -203,13 +205,13 @@ def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
 
     raw, meta = load_tensors(run / layout.TOKENS_FILE)
     assert raw["tokens"].dtype == torch.int16 and raw["tokens"].shape == (60, 561)
-    tokens, labels = tokenizer.load_tokens(run, tid)
-    nefs, _ = fit.load_nefs(run)
+    tokens, labels = codebook_io.load_tokens(run, tid)
+    nefs, _ = fields_io.load_nefs(run)
     assert torch.equal(tokens, assign(nefs["weights"], codebook))
     assert int(tokens.min()) >= 0 and int(tokens.max()) < 32
     assert torch.equal(labels, nefs["labels"])
     with pytest.raises(ArtifactError, match="tokens.safetensors"):
-        tokenizer.load_tokens(run, "0" * 16)
+        codebook_io.load_tokens(run, "0" * 16)
 
     # The codebook is learned on the training fields only.
     split = json.loads((run / layout.SPLIT_FILE).read_text())
@@ -230,14 +232,14 @@ def anchored_fields(n: int = 120, spec: FieldSpec = FieldSpec(), seed: int = 0) 
     return anchor, weights
 
 
-def offset_tokenizer(mode: str, num_codes: int = 48) -> tuple[tokenizer.Tokenizer, torch.Tensor, torch.Tensor]:
+def offset_tokenizer(mode: str, num_codes: int = 48) -> tuple[codebook_io.Tokenizer, torch.Tensor, torch.Tensor]:
     anchor, weights = anchored_fields()
     cfg = TokenizerConfig(num_codes=num_codes, max_iters=30, offsets=mode)
     tok, _ = tokenizer.learn_tokenizer(weights[:100], FieldSpec(), cfg, num_classes=10, anchor=anchor)
     return tok, anchor, weights
 
 
-@pytest.mark.parametrize("mode", tokenizer.OFFSET_MODES)
+@pytest.mark.parametrize("mode", codebook_io.OFFSET_MODES)
 def test_round_trip_error_is_at_most_half_a_code_gap_times_the_scale(mode):
     tok, _, weights = offset_tokenizer(mode)
     assert tok.offsets == mode
@@ -257,7 +259,7 @@ def test_round_trip_error_is_at_most_half_a_code_gap_times_the_scale(mode):
     assert torch.allclose(err[outside], beyond[outside], rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", tokenizer.OFFSET_MODES)
+@pytest.mark.parametrize("mode", codebook_io.OFFSET_MODES)
 def test_decode_inverts_encode_on_the_codebook_values(mode):
     tok, _, _ = offset_tokenizer(mode)
     k, p = tok.vocab.num_codes, tok.spec.num_params
@@ -280,7 +282,7 @@ def test_none_mode_gives_todays_tokens_and_id():
     tokens = tok.encode(weights)
     assert torch.equal(tok.decode(tokens), codebook[tokens])
     expected_id = hashlib.sha256(codebook.numpy().tobytes()).hexdigest()[:16]
-    assert tok.id == tokenizer.tokenizer_id(codebook) == expected_id
+    assert tok.id == codebook_io.tokenizer_id(codebook) == expected_id
     # An anchor makes no difference to a `none` tokenizer.
     with_anchor, _ = tokenizer.learn_tokenizer(weights[:100], FieldSpec(), cfg, 10, anchor=weights[0])
     assert with_anchor.reference is None and with_anchor.id == expected_id
@@ -314,12 +316,12 @@ def test_offset_references_and_scales():
 
 
 def test_offsets_change_the_id_and_round_trip_through_the_file(tmp_path):
-    toks = {mode: offset_tokenizer(mode)[0] for mode in tokenizer.OFFSET_MODES}
+    toks = {mode: offset_tokenizer(mode)[0] for mode in codebook_io.OFFSET_MODES}
     assert len({t.id for t in toks.values()}) == 4
     for mode, tok in toks.items():
         path = tmp_path / f"{mode}.safetensors"
-        tokenizer.save_tokenizer(path, tok)
-        back = tokenizer.load_tokenizer(path)
+        codebook_io.save_tokenizer(path, tok)
+        back = codebook_io.load_tokenizer(path)
         assert back.offsets == mode and back.id == tok.id and torch.equal(back.codebook, tok.codebook)
         for name in ("reference", "scale"):
             a, b = getattr(tok, name), getattr(back, name)
@@ -328,8 +330,8 @@ def test_offsets_change_the_id_and_round_trip_through_the_file(tmp_path):
         assert meta["offsets"] == mode and meta["tokenizer_id"] == tok.id
         assert set(tensors) == ({"codebook"} if mode == "none" else {"codebook", "reference", "scale"})
     pos = toks["position"]
-    moved = tokenizer.Tokenizer(pos.codebook, pos.vocab, pos.spec, "position", pos.reference + 1e-3, pos.scale)
-    rescaled = tokenizer.Tokenizer(pos.codebook, pos.vocab, pos.spec, "position", pos.reference, pos.scale * 2)
+    moved = codebook_io.Tokenizer(pos.codebook, pos.vocab, pos.spec, "position", pos.reference + 1e-3, pos.scale)
+    rescaled = codebook_io.Tokenizer(pos.codebook, pos.vocab, pos.spec, "position", pos.reference, pos.scale * 2)
     assert len({pos.id, moved.id, rescaled.id, toks["none"].id}) == 4
 
 
@@ -339,16 +341,16 @@ def test_old_tokenizer_files_load_as_none(tmp_path):
     # The metadata written before offsets existed.
     save_tensors(path, {"codebook": codebook}, {"num_codes": 245, "num_classes": 10, "vocab_size": 256,
                                                 "field": FieldSpec().to_meta(),
-                                                "tokenizer_id": tokenizer.tokenizer_id(codebook)})
-    tok = tokenizer.load_tokenizer(path)
-    assert tok.offsets == "none" and tok.reference is None and tok.id == tokenizer.tokenizer_id(codebook)
+                                                "tokenizer_id": codebook_io.tokenizer_id(codebook)})
+    tok = codebook_io.load_tokenizer(path)
+    assert tok.offsets == "none" and tok.reference is None and tok.id == codebook_io.tokenizer_id(codebook)
     tokens = torch.tensor([[0, 244, 3]])
     assert torch.equal(tok.decode(tokens), codebook[tokens])
 
     # The shipped model's tokenizer still matches the id its checkpoint was trained with.
     from importlib import resources
     shipped = resources.files("nefgpt") / "pretrained_models" / "mnist"
-    tok = tokenizer.load_tokenizer(shipped / layout.TOKENIZER_FILE)
+    tok = codebook_io.load_tokenizer(shipped / layout.TOKENIZER_FILE)
     ckpt = torch.load(shipped / "ckpt.pt", map_location="cpu", weights_only=True)
     assert tok.offsets == "none" and tok.id == ckpt["tokenizer_id"]
 
@@ -371,7 +373,7 @@ def test_inconsistent_offset_files_raise_artifact_error(tmp_path):
     for tensors, meta, word in cases:
         save_tensors(path, tensors, meta)
         with pytest.raises(ArtifactError, match="tokenizer.safetensors") as info:
-            tokenizer.load_tokenizer(path)
+            codebook_io.load_tokenizer(path)
         assert word in str(info.value), (word, str(info.value))
 
 
@@ -399,15 +401,15 @@ def test_run_tokenize_with_offsets_reports_weight_space_error(tiny_npz, tmp_path
     run = tmp_path / "run"
     fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
                 FitConfig(steps=5, anchor_steps=10), run, progress=False)
-    nefs, _ = fit.load_nefs(run)
+    nefs, _ = fields_io.load_nefs(run)
     split = json.loads((run / layout.SPLIT_FILE).read_text())
     train, held = torch.tensor(split["train"]), torch.tensor(split["heldout"])
     reports = {}
     for mode in ("none", "layer"):
         report = tokenizer.run_tokenize(TokenizerConfig(num_codes=32, max_iters=20, offsets=mode), run)
-        tok = tokenizer.load_tokenizer(run / layout.TOKENIZER_FILE)
+        tok = codebook_io.load_tokenizer(run / layout.TOKENIZER_FILE)
         assert tok.offsets == report["offsets"] == mode and tok.id == report["tokenizer_id"]
-        tokens, _ = tokenizer.load_tokens(run, tok.id)
+        tokens, _ = codebook_io.load_tokens(run, tok.id)
         assert torch.equal(tokens, tok.encode(nefs["weights"]))
         decoded = tok.decode(tokens)
         sq = (decoded.double() - nefs["weights"].double()) ** 2
@@ -435,7 +437,7 @@ def test_cli_fit_tokenize_train_sample_with_position_offsets(tiny_npz, tmp_path)
     args = [a for s in sets for a in ("--set", s)]
     for stage in ("fit", "tokenize", "train", "sample"):
         assert main([stage, "--out", str(run), "--quiet", *args]) == 0, stage
-    tok = tokenizer.load_tokenizer(run / layout.TOKENIZER_FILE)
+    tok = codebook_io.load_tokenizer(run / layout.TOKENIZER_FILE)
     assert tok.offsets == "position"
     assert json.loads((run / layout.TOKENIZER_REPORT_FILE).read_text())["offsets"] == "position"
     samples, meta = load_tensors(run / "samples.safetensors")

@@ -22,7 +22,7 @@ from nefgpt.field import FieldSpec
 from nefgpt.layout import TOKENIZER_FILE, TOKENS_FILE
 from nefgpt.train_log import LOG_COLUMNS
 from nefgpt.model import GPT, GPTConfig
-from nefgpt.tokenizer import Vocab, save_tokenizer, tokenizer_id
+from nefgpt.codebook import Vocab, save_tokenizer, tokenizer_id
 
 VOCAB = Vocab(num_codes=8, num_classes=10)
 SPEC = FieldSpec(octaves=1, hidden=(3,))  # 19 weights: sequences of 21 tokens
@@ -448,7 +448,7 @@ def test_lever_settings_are_validated():
 @pytest.mark.parametrize("extra", [dict(p_uncond=0.3), dict(conditioning="none", pos_bias="position")])
 def test_training_with_every_lever_reloads_resumes_and_samples(tmp_path, extra):
     from nefgpt.generate import generate
-    from nefgpt.tokenizer import load_tokenizer
+    from nefgpt.codebook import load_tokenizer
 
     run = tmp_path / "run"
     make_run(run)

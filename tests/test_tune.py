@@ -18,8 +18,8 @@ from nefgpt.config import TuneConfig
 from nefgpt.errors import ArtifactError, UsageError
 from nefgpt.figures import _tune_axes, save_tune_heatmap
 from nefgpt.layout import TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
+from nefgpt.objectives import OBJECTIVES
 from nefgpt.tune import (
-    OBJECTIVES,
     candidate_settings,
     choose_best,
     format_table,

@@ -35,8 +35,9 @@ from .layout import CKPT_FILE, CONFIG_FILE, TOKENIZER_FILE
 from .model import GPT
 from .pretrained import model_dir
 from .sample import draw
-from .tokenizer import Tokenizer, Vocab, load_tokenizer
-from .tune import SAMPLING_KEYS, sampling_config
+from .codebook import Tokenizer, Vocab, load_tokenizer
+from .tune import sampling_config
+from .validation import SAMPLING_KEYS
 
 __all__ = ["Fields", "Generator", "load", "load_pretrained"]
 
@@ -74,7 +75,7 @@ class Fields:
 class Generator:
     """A trained GPT with its tokenizer and its run's sampling setting; make one with `load` or `load_pretrained`.
 
-    Attributes: `run_dir` (where it was loaded from), `vocab` (nefgpt.tokenizer.Vocab), `spec` (the field
+    Attributes: `run_dir` (where it was loaded from), `vocab` (nefgpt.codebook.Vocab), `spec` (the field
     architecture), `conditioned` (False for a model trained with train.conditioning = none), `config`
     (the run's resolved RunConfig, tuned setting filled in), `model` and `tokenizer`.
     """

@@ -19,7 +19,7 @@ from .model import GPT, GPTConfig
 
 if TYPE_CHECKING:  # the tokenizer stage stays out of this module's imports
     from .field import FieldSpec
-    from .tokenizer import Vocab
+    from .codebook import Vocab
 
 __all__ = ["load_checkpoint", "save_checkpoint", "saved_model_args", "load_model", "load_checked_model"]
 

@@ -26,9 +26,11 @@ from . import config as config_mod
 from . import data, distributed, evaluate, fit, sample, tokenizer, train, tune
 from .artifacts import load_json, load_tensors, save_json
 from .baselines import baseline_module
+from .codebook import load_tokenizer
 from .compare import compare_runs
 from .config import RunConfig
 from .errors import ArtifactError, NefgptError, Terminated, UsageError
+from .fields_io import load_nefs, spec_from_config
 from .figures import render_artifact, save_loss_curve
 from .layout import (ANCHOR_FILE, CHUNK_DIR, CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, IMAGES_FILE, LOG_FILE,
                      LOSS_FIGURE_FILE, METRICS_FILE, NEFS_FILE, SAMPLES_FILE, SPLIT_FILE, STAGES_FILE, SUMMARY_FILE,
@@ -37,6 +39,7 @@ from .lock import run_lock
 from .pretrained import install
 from .report import write_report
 from .tune import sampling_config
+from .validation import SAMPLING_KEYS
 
 # Stage runners: (cfg, run_dir, args, restart) -> the stage's summary. They call through the stage's module, so
 # a test may replace a stage function there. `restart` is true when the stage redoes work made with other settings.
@@ -156,7 +159,7 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     given = {o.split("=", 1)[0].strip() for o in overrides}
     kept = (cfg.sample.explicit if "sample.explicit" in given
             else [] if "sample.use_tuned" in given else saved_explicit)
-    cfg.sample.explicit = [k for k in tune.SAMPLING_KEYS if k in kept or f"sample.{k}" in given]
+    cfg.sample.explicit = [k for k in SAMPLING_KEYS if k in kept or f"sample.{k}" in given]
     return cfg
 
 
@@ -203,11 +206,11 @@ def check_inputs(name: str, run_dir: Path) -> None:
 def check_architecture(cfg: RunConfig, run_dir: Path) -> None:
     """Fields fitted earlier must have the configured architecture (a `run` fits them itself)."""
     if (run_dir / NEFS_FILE).exists():
-        fit.load_nefs(run_dir, fit.spec_from_config(cfg.fit))
+        load_nefs(run_dir, spec_from_config(cfg.fit))
 
 
 def check_labels(labels: list[int], run_dir: Path) -> None:
-    num_classes = tokenizer.load_tokenizer(run_dir / TOKENIZER_FILE).vocab.num_classes
+    num_classes = load_tokenizer(run_dir / TOKENIZER_FILE).vocab.num_classes
     for c in labels:
         if not 0 <= c < num_classes:
             raise UsageError(f"--label {c}: not a class of this run (0..{num_classes - 1})")
@@ -262,7 +265,7 @@ def check_sampling_budget(cfg: RunConfig, run_dir: Path, labels: list[int] | Non
     except Exception:  # no usable measurement: the estimate uses a rough figure
         seconds, measured = None, False
     warning = sample.check_sampling_size(cfg.sample.n_per_class, len(labels) if labels else classes,
-                                         fit.spec_from_config(cfg.fit).num_params, seconds, measured)
+                                         spec_from_config(cfg.fit).num_params, seconds, measured)
     if not warning:
         return
     try:  # no warning for a sampling that will be skipped as up to date

@@ -152,7 +152,7 @@ class TuneConfig:
     # once it has passed (at least one is always tried); the best is chosen among those tried. With a budget
     # the result depends on the machine's speed; search = random makes the tried ones a random subset.
     max_minutes: float = 0.0
-    # See nefgpt.tune.OBJECTIVES: nna_gap |1-NNA - 0.5|; mmd; cov (maximized); accuracy (maximized);
+    # See nefgpt.objectives.OBJECTIVES: nna_gap |1-NNA - 0.5|; mmd; cov (maximized); accuracy (maximized);
     # diversity |1 - within-class diversity ratio|; balanced |1-NNA - 0.5| + |1 - diversity ratio|.
     objective: str = "nna_gap"
     min_accuracy: float = 0.9  # settings below this classifier accuracy are not eligible

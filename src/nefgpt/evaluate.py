@@ -32,7 +32,7 @@ from .classifier import get_classifier, score_images
 from .config import EvalConfig
 from .errors import ArtifactError
 from .eval_figures import write_eval_figures
-from .fit import load_nefs
+from .fields_io import load_nefs
 from .layout import METRICS_FILE, SAMPLES_FILE
 from .samples_io import load_generated_fields
 from .split import balanced_indices, load_split_images

@@ -11,7 +11,8 @@ anchor's weights ("weight conditioning"), which keeps the flattened weights of
 different fields aligned position by position.
 
 Chunks are written as they finish, so a killed fit resumes where it stopped and
-ends with the same bytes as an uninterrupted one.
+ends with the same bytes as an uninterrupted one. The later stages read the fields
+with `nefgpt.fields_io.load_nefs`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,10 @@ from . import field
 from .artifacts import load_tensors, save_tensors
 from .config import DataConfig, FitConfig
 from .field import FieldSpec
+from .fields_io import spec_from_config
 from .layout import ANCHOR_FILE, CHUNK_DIR, NEFS_FILE, SPLIT_FILE
 from .split import load_split_images, make_split
 from .weight_stats import init_stats
-
-
-def spec_from_config(cfg: FitConfig) -> FieldSpec:
-    return FieldSpec(octaves=cfg.octaves, hidden=tuple(cfg.hidden))
 
 
 def fit_batch(
@@ -126,15 +124,3 @@ def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool 
     save_tensors(run_dir / NEFS_FILE, tensors, meta)
     shutil.rmtree(chunk_dir)  # the chunks, and any temporary file a killed run left there
     return meta
-
-
-def load_nefs(run_dir: Path, spec: FieldSpec | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load nefs.safetensors, checking its architecture against `spec` when given."""
-    path = run_dir / NEFS_FILE
-    tensors, meta = load_tensors(path, {"weights": torch.float32, "psnr": torch.float32, "labels": torch.int64})
-    stored = FieldSpec.from_meta(meta.get("field", {}), str(path))
-    stored.check_weights(tensors["weights"], str(path))
-    if spec is not None:
-        spec.check_matches(stored, str(path))
-    meta["spec"] = stored
-    return tensors, meta

@@ -27,7 +27,7 @@ import torch
 
 from .errors import UsageError
 from .model import GPT, KVCache
-from .tokenizer import Vocab
+from .codebook import Vocab
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

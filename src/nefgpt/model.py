@@ -78,7 +78,7 @@ class GPTConfig:
 
     @property
     def num_classes(self) -> int:
-        """Class tokens follow the codes and SOS in the vocabulary (tokenizer.Vocab)."""
+        """Class tokens follow the codes and SOS in the vocabulary (codebook.Vocab)."""
         return self.vocab_size - self.num_codes - 1
 
     def to_dict(self) -> dict:

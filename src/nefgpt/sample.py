@@ -23,7 +23,7 @@ from .generate import check_guidance, generate, trained_config
 from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples
-from .tokenizer import Vocab, load_tokenizer
+from .codebook import Vocab, load_tokenizer
 
 
 # Sampling time per field when the run has none measured: a conservative CPU figure (the demo GPT measured

@@ -31,7 +31,7 @@ from .field import FieldSpec
 from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT, GPTConfig
 from .split import load_split
-from .tokenizer import Vocab, load_tokenizer, load_tokens
+from .codebook import Vocab, load_tokenizer, load_tokens
 # The loop's names, public here before the loop moved to nefgpt.trainer.
 from .trainer import (NonFiniteLoss, Task, Trainer, TrainInterrupted, autocast, autocast_dtype, batch_indices,
                       resolve_device)

@@ -27,7 +27,6 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -37,48 +36,19 @@ from .artifacts import load_json, save_json, write_bytes
 from .checkpoint import load_checked_model
 from .classifier import get_classifier, score_images
 from .config import RunConfig, TuneConfig
-from .validation import check_choice, check_sampling
-from .errors import ArtifactError, UsageError
+from .objectives import OBJECTIVES
+from .validation import SAMPLING_KEYS, check_tune
+from .errors import ArtifactError
 from .figures import save_tune_heatmap
-from .fit import load_nefs
+from .fields_io import load_nefs
 from .generate import check_guidance, generate, trained_config
 from .layout import CKPT_FILE, SPLIT_FILE, TOKENIZER_FILE, TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
 from .split import balanced_indices, load_split_images
-from .tokenizer import load_tokenizer
+from .codebook import load_tokenizer
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance")
 # Fixed rather than sample.batch_size: how samples are batched decides which random draws each one gets,
 # and the tuning result should depend on the [tune] settings alone.
 BATCH_SIZE = 250
-
-
-class Objective(NamedTuple):
-    """A tuning objective: what it is, in words, and its value for a setting's scores (lower is better)."""
-
-    definition: str
-    score: Callable[[dict], float]
-    uses_diversity: bool = False
-
-    def __call__(self, row: dict) -> float:
-        return self.score(row)
-
-
-def _diversity_gap(row: dict) -> float:
-    """|1 - diversity ratio|; inf where the ratio could not be measured (classes of fewer than 2 fields)."""
-    ratio = row.get("diversity_ratio")
-    return math.inf if ratio is None else abs(1.0 - ratio)
-
-
-# The one list of objectives (config.py validates tune.objective against it); maximised scores are negated.
-OBJECTIVES = {
-    "nna_gap": Objective("|1-NNA - 0.5|", lambda row: abs(row["1nna"] - 0.5)),
-    "mmd": Objective("MMD", lambda row: row["mmd"]),
-    "cov": Objective("-COV", lambda row: -row["cov"]),
-    "accuracy": Objective("-accuracy", lambda row: -row["accuracy"]),
-    "diversity": Objective("|1 - within-class diversity ratio|", _diversity_gap, True),
-    "balanced": Objective("|1-NNA - 0.5| + |1 - within-class diversity ratio|",
-                          lambda row: abs(row["1nna"] - 0.5) + _diversity_gap(row), True),
-}
 
 
 def load_best_setting(run_dir: Path) -> dict:
@@ -108,34 +78,6 @@ def sampling_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
         if key not in cfg.sample.explicit:
             setattr(cfg.sample, key, value)
     return cfg
-
-
-_TUNE_LISTS = {"temperatures": "temperature", "top_ks": "top_k", "top_ps": "top_p", "min_ps": "min_p",
-               "guidances": "guidance"}
-
-
-def check_tune(cfg: TuneConfig, num_codes: int) -> None:
-    """The one check of the [tune] settings: config validation and candidate_settings both call it."""
-    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0}
-    for name, key in _TUNE_LISTS.items():
-        if not getattr(cfg, name):
-            raise UsageError(f"tune.{name} must list at least one value")
-        for value in getattr(cfg, name):
-            try:
-                check_sampling(**{**neutral, key: value}, num_codes=num_codes)
-            except UsageError as exc:
-                raise UsageError(f"tune.{name}: {exc}") from None
-    check_choice("tune.objective", cfg.objective, OBJECTIVES)
-    check_choice("tune.search", cfg.search, ("grid", "random"))
-    if not 0 <= cfg.min_accuracy <= 1:
-        raise UsageError(f"tune.min_accuracy must be in [0, 1], got {cfg.min_accuracy}")
-    if not (math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0):
-        raise UsageError(f"tune.max_minutes must be a finite number >= 0 (0 = no budget), got {cfg.max_minutes}")
-    if cfg.n_per_class < 1:
-        raise UsageError(f"tune.n_per_class must be > 0, got {cfg.n_per_class}")
-    if OBJECTIVES[cfg.objective].uses_diversity and cfg.n_per_class < 2:
-        raise UsageError(f"tune.objective = {cfg.objective} measures the diversity within each class, which needs "
-                         f"tune.n_per_class >= 2, got {cfg.n_per_class}")
 
 
 def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from .baselines import BASELINES
 from .errors import UsageError
+from .objectives import OBJECTIVES
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from .config import RunConfig, TuneConfig
 
 
 _NON_NEGATIVE = {
@@ -23,7 +24,7 @@ _NON_NEGATIVE = {
     "tokenize": ("max_iters",),
     "train": ("max_iters", "warmup_iters", "head_dim", "max_minutes", "pos_bias_decay", "hl_sigma",
               "pos_bias_lr_mult"),
-    "tune": ("budget",),  # the other [tune] settings: nefgpt.tune.check_tune; the sampling ones: check_sampling
+    "tune": ("budget",),  # the other [tune] settings: check_tune below; the sampling ones: check_sampling
     "regression": ("noise",),
     "diffusion": ("dropout", "p_uncond", "max_minutes", "min_lr_frac", "warmup_iters", "weight_decay", "grad_clip",
                   "eta", "clip_x0"),
@@ -60,6 +61,9 @@ def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int,
         raise UsageError(f"{prefix}guidance must be a finite number >= 0, got {guidance}")
 
 
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance")
+
+
 def check_choice(dotted: str, value: Any, choices: Any) -> None:
     """The one check of a setting with a fixed set of values (``choices``: any iterable of names)."""
     if value not in choices:
@@ -92,10 +96,36 @@ def check_vocab_size(num_codes: int, num_classes: int) -> None:
                          f"exceed {MAX_VOCAB} tokens")
 
 
+_TUNE_LISTS = {"temperatures": "temperature", "top_ks": "top_k", "top_ps": "top_p", "min_ps": "min_p",
+               "guidances": "guidance"}
+
+
+def check_tune(cfg: TuneConfig, num_codes: int) -> None:
+    """The one check of the [tune] settings: config validation and candidate_settings both call it."""
+    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0}
+    for name, key in _TUNE_LISTS.items():
+        if not getattr(cfg, name):
+            raise UsageError(f"tune.{name} must list at least one value")
+        for value in getattr(cfg, name):
+            try:
+                check_sampling(**{**neutral, key: value}, num_codes=num_codes)
+            except UsageError as exc:
+                raise UsageError(f"tune.{name}: {exc}") from None
+    check_choice("tune.objective", cfg.objective, OBJECTIVES)
+    check_choice("tune.search", cfg.search, ("grid", "random"))
+    if not 0 <= cfg.min_accuracy <= 1:
+        raise UsageError(f"tune.min_accuracy must be in [0, 1], got {cfg.min_accuracy}")
+    if not (math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0):
+        raise UsageError(f"tune.max_minutes must be a finite number >= 0 (0 = no budget), got {cfg.max_minutes}")
+    if cfg.n_per_class < 1:
+        raise UsageError(f"tune.n_per_class must be > 0, got {cfg.n_per_class}")
+    if OBJECTIVES[cfg.objective].uses_diversity and cfg.n_per_class < 2:
+        raise UsageError(f"tune.objective = {cfg.objective} measures the diversity within each class, which needs "
+                         f"tune.n_per_class >= 2, got {cfg.n_per_class}")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Reject values that can't work, with the setting's name in the message."""
-    from .tune import SAMPLING_KEYS, check_tune  # imported here: tune imports config
-
     for table, positive in ((_NON_NEGATIVE, False), (_POSITIVE, True)):
         for section, keys in table.items():
             for key in keys:

@@ -21,7 +21,7 @@ from ..artifacts import load_checkpoint, save_checkpoint, save_json
 from ..config import RunConfig
 from ..errors import ArtifactError, UsageError
 from ..field import FieldSpec
-from ..fit import load_nefs, spec_from_config
+from ..fields_io import load_nefs, spec_from_config
 from ..layout import CKPT_FILE, NEFS_FILE, SPLIT_FILE, SUMMARY_FILE
 from ..samples_io import save_samples
 from ..split import load_split

@@ -25,7 +25,7 @@ import torch
 from ..config import RunConfig
 from ..errors import ArtifactError
 from ..layout import CKPT_FILE, TOKENIZER_FILE, TOKENS_FILE
-from ..tokenizer import load_tokenizer, load_tokens
+from ..codebook import load_tokenizer, load_tokens
 from .common import Fields, Fitted, load_fields, load_trained, sample_per_class, train_in_one_pass
 
 KIND = "marginals"

@@ -32,7 +32,7 @@ from ..checkpoint import load_checkpoint
 from ..config import RunConfig
 from ..errors import ArtifactError, UsageError
 from ..field import FieldSpec
-from ..fit import load_nefs, spec_from_config
+from ..fields_io import load_nefs, spec_from_config
 from ..layout import CKPT_FILE, SPLIT_FILE
 from ..model import GPT, Block, GPTConfig, KVCache
 from ..split import load_split
