@@ -85,7 +85,7 @@ def _per_class_tables(node, where="metrics"):
                 yield from _per_class_tables(value, path)
 
 
-def test_the_sampling_estimate_counts_an_npz_sets_classes_before_fit(tmp_path):
+def test_class_count_reads_an_npz_set_and_knows_the_builtins(tmp_path):
     # Before `fit` has written split.json, the sampling-time estimate reads the class count from the data.
     from nefgpt import data
 

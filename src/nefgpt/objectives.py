@@ -23,7 +23,7 @@ def _diversity_gap(row: dict) -> float:
     return math.inf if ratio is None else abs(1.0 - ratio)
 
 
-# The one list of objectives (config.py validates tune.objective against it); maximised scores are negated.
+# The one list of objectives (validation.check_tune checks tune.objective against it); maximised scores are negated.
 OBJECTIVES = {
     "nna_gap": Objective("|1-NNA - 0.5|", lambda row: abs(row["1nna"] - 0.5)),
     "mmd": Objective("MMD", lambda row: row["mmd"]),

@@ -11,7 +11,9 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from .baselines import BASELINES
+from .codebook import OFFSET_MODES
 from .errors import UsageError
+from .model import POS_BIAS_MODES
 from .objectives import OBJECTIVES
 
 if TYPE_CHECKING:
@@ -73,12 +75,12 @@ def check_choice(dotted: str, value: Any, choices: Any) -> None:
 _CHOICES = {
     ("fit", "init"): ("shared", "random"),
     ("tokenize", "init"): ("quantile", "random"),
-    ("tokenize", "offsets"): ("none", "raw", "position", "layer"),
+    ("tokenize", "offsets"): OFFSET_MODES,
     ("train", "dtype"): ("auto", "bf16", "fp32"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "model"): ("gpt", *BASELINES),
     ("train", "conditioning"): ("class", "none"),
-    ("train", "pos_bias"): ("none", "position", "class"),
+    ("train", "pos_bias"): POS_BIAS_MODES,
     ("regression", "loss"): ("mse", "l1"),
     ("diffusion", "dtype"): ("auto", "bf16", "fp32"),
     ("diffusion", "device"): ("auto", "cpu", "cuda"),
