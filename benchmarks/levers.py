@@ -29,13 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from nefgpt import hardware
 
 COPIED = ("config.json", "split.json", "anchor.safetensors", "nefs.safetensors", "tokenizer.safetensors",
           "tokens.safetensors", "tokenizer.json", "classifier.safetensors", "stages.json")
 # Every lever off: the GPT as it was before the levers (the talk's model with today's cpu-preset sizes).
 PLAIN = ["train.class_embed=false", "train.pos_bias=none", "train.value_embed=false", "train.hl_sigma=0.0",
-         "train.struct_pos=false", "tokenize.offsets=none"]
+         "train.struct_pos=false", "tokenize.offsets=none", "train.ema_decay=0.0", "train.dropout=0.0"]
 # One lever on at a time, against PLAIN.
 SCREEN = {
     "plain": [],
@@ -45,6 +47,8 @@ SCREEN = {
     "hl_sigma=1": ["train.hl_sigma=1.0"],
     "struct_pos": ["train.struct_pos=true"],
     "offsets=position": ["tokenize.offsets=position"],
+    "ema=0.995": ["train.ema_decay=0.995"],  # also scores the raw weights of the same training
+    "dropout=0.1": ["train.dropout=0.1"],
 }
 # The grid tune searches for every variant (plain sampling is its first row).
 TUNE = ["tune.guidances=[1.0, 2.0]", "tune.temperatures=[1.0, 0.8]", "tune.top_ks=[0]", "tune.top_ps=[1.0]",
@@ -62,7 +66,8 @@ def sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def run_variant(base: Path, out: Path, name: str, overrides: list[str], minutes: float, per_class: int) -> dict:
+def run_variant(base: Path, out: Path, name: str, overrides: list[str], minutes: float, per_class: int) -> list[dict]:
+    """Train and score one variant; with train.ema_decay on, its raw weights are scored too, as a second row."""
     run = out / name.replace("=", "-").replace(" ", "_")
     if run.exists():
         shutil.rmtree(run)
@@ -76,14 +81,29 @@ def run_variant(base: Path, out: Path, name: str, overrides: list[str], minutes:
     if any(o.startswith("tokenize.") for o in overrides):
         nefgpt("tokenize", "--out", str(run), "--force", *sets(settings))
     nefgpt("train", "--out", str(run), "--force", *sets(settings))
+    train = json.loads((run / "train.json").read_text())
+    rows = [score(run, name, overrides, settings, train, train["val_loss"], t0)]
+    if "val_loss_raw" in train:  # the same training without the moving average: what EMA alone changes
+        raw = run.with_name(run.name + "-raw")
+        shutil.rmtree(raw, ignore_errors=True)
+        shutil.copytree(run, raw)
+        ckpt = torch.load(raw / "ckpt.pt", weights_only=True)
+        del ckpt["ema"]
+        torch.save(ckpt, raw / "ckpt.pt")
+        rows.append(score(raw, f"{name} (raw weights)", overrides, settings, train, train["val_loss_raw"], time.time()))
+    return rows
+
+
+def score(run: Path, name: str, overrides: list[str], settings: list[str], train: dict, val_ce: float,
+          t0: float) -> dict:
+    """Tune's grid on the tuning split, and a small sample for the grid figure."""
     nefgpt("tune", "--out", str(run), "--force", *sets(settings))
     nefgpt("sample", "--out", str(run), "--force", *sets([*settings, "sample.n_per_class=10"]))  # the grid figure
-    train = json.loads((run / "train.json").read_text())
     tune = json.loads((run / "tune.json").read_text())
     plain = next(r for r in tune["settings"] if r["guidance"] == 1 and r["temperature"] == 1 and not r["top_k"]
                  and r["top_p"] == 1 and not r.get("min_p", 0))
     return {"variant": name, "overrides": overrides, "run": str(run), "iterations": train["iterations"],
-            "train_seconds": train["train_seconds"], "val_ce": train["val_loss"],
+            "train_seconds": train["train_seconds"], "val_ce": val_ce,
             "tokenizer": json.loads((run / "tokenizer.json").read_text()).get("tokenizer_id"),
             "untruncated": plain, "best": tune["best"], "seconds": time.time() - t0}
 
@@ -96,8 +116,6 @@ def score_cells(r: dict) -> list[str]:
 
 def ensure_classifier(base: Path) -> None:
     """Train the evaluation classifier once in the base run, as `tune`/`evaluate` would, so every variant shares it."""
-    import torch
-
     from nefgpt.classifier import get_classifier
     from nefgpt.config import load_preset
     from nefgpt.split import load_split_images
@@ -140,11 +158,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, overrides in variants.items():
-        rows.append(run_variant(args.base, args.out, name, overrides, args.minutes, args.per_class))
-        r = rows[-1]
-        print(f"{name}: {r['iterations']} it, val CE {r['val_ce']:.3f}, untruncated acc "
-              f"{r['untruncated']['accuracy']:.1%} 1-NNA {r['untruncated']['1nna']:.1%}; best acc "
-              f"{r['best']['accuracy']:.1%} 1-NNA {r['best']['1nna']:.1%} ({r['seconds']:.0f} s)", flush=True)
+        new = run_variant(args.base, args.out, name, overrides, args.minutes, args.per_class)
+        rows.extend(new)
+        for r in new:
+            print(f"{r['variant']}: {r['iterations']} it, val CE {r['val_ce']:.3f}, untruncated acc "
+                  f"{r['untruncated']['accuracy']:.1%} 1-NNA {r['untruncated']['1nna']:.1%}; best acc "
+                  f"{r['best']['accuracy']:.1%} 1-NNA {r['best']['1nna']:.1%} ({r['seconds']:.0f} s)", flush=True)
         (args.out / "levers.json").write_text(json.dumps({"machine": machine, "minutes": args.minutes,
                                                           "rows": rows}, indent=2) + "\n")
     table = markdown(rows)

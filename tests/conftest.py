@@ -79,3 +79,8 @@ def assert_same_checkpoint(a: Path, b: Path, iter_num: int) -> None:
         for name in sa[k]:
             assert torch.equal(sa[k][name], sb[k][name]), (k, name)
     assert ca["best_val_loss"] == cb["best_val_loss"]
+    assert ("ema" in ca) == ("ema" in cb)
+    if "ema" in ca:  # the weight average too (train.ema_decay)
+        assert ca["ema"]["updates"] == cb["ema"]["updates"] == iter_num
+        for k, v in ca["ema"]["shadow"].items():
+            assert torch.equal(v, cb["ema"]["shadow"][k]), k

@@ -69,7 +69,8 @@ def test_two_processes_train_like_one(tmp_path):
     train.run_train(cfg(p_uncond=0.25), single, resume=True, progress=False)
     sets = [a for k, v in SETTINGS.items() for a in ("--set", f"train.{k}={v if not isinstance(v, str) else repr(v)}")]
     # The TrainConfig defaults that cfg() trains with, where the cpu preset the CLI starts from differs.
-    sets += [a for s in ("train.class_embed=false", "train.pos_bias='none'", "train.max_minutes=0") for a in ("--set", s)]
+    sets += [a for s in ("train.class_embed=false", "train.pos_bias='none'", "train.max_minutes=0",
+                                 "train.ema_decay=0") for a in ("--set", s)]
     done = torchrun(tmp_path, ["train", "--out", str(ddp), "--resume", "--quiet", *sets])
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from nefgpt import metrics
+from nefgpt import metrics, ssim
 from nefgpt.artifacts import load_tensors
 from nefgpt.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, decode_idx, load_dataset
 from nefgpt.errors import NefgptError
@@ -267,7 +267,7 @@ def test_ssim_distance_range_and_symmetry(seed, n):
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(n, 16, 16, generator=g)
     b = torch.rand(n + 1, 16, 16, generator=g)
-    d = metrics.ssim_distance(a, b)
+    d = ssim.ssim_distance(a, b)
     assert d.shape == (n, n + 1) and torch.isfinite(d).all()
     assert (d >= -1e-6).all() and (d <= 1 + 1e-6).all()
-    torch.testing.assert_close(metrics.ssim_distance(b, a), d.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ssim.ssim_distance(b, a), d.T, atol=1e-5, rtol=0)

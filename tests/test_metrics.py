@@ -14,14 +14,11 @@ from nefgpt.metrics import (
     diversity_ratio,
     mean_pairwise_distance,
     mmd,
-    nearest_distance,
-    nearest_k,
     one_nna,
     set_metrics,
     set_metrics_by_class,
-    ssim_distance,
-    ssim_matrix,
 )
+from nefgpt.ssim import nearest_distance, nearest_k, ssim_distance, ssim_matrix
 
 
 @pytest.fixture(scope="module")

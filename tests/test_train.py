@@ -22,7 +22,7 @@ from nefgpt.field import FieldSpec
 from nefgpt.layout import TOKENIZER_FILE, TOKENS_FILE
 from nefgpt.train_log import LOG_COLUMNS
 from nefgpt.model import GPT, GPTConfig
-from nefgpt.codebook import Vocab, save_tokenizer, tokenizer_id
+from nefgpt.codebook import Vocab, load_tokens, save_tokenizer, tokenizer_id
 
 VOCAB = Vocab(num_codes=8, num_classes=10)
 SPEC = FieldSpec(octaves=1, hidden=(3,))  # 19 weights: sequences of 21 tokens
@@ -163,6 +163,50 @@ def test_checkpoint_is_a_weights_only_dict(tmp_path):
         assert torch.equal(v, ckpt["model"][k])
 
 
+def test_ema_is_the_average_that_sampling_loads_and_scores(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    summary = train.run_train(cfg(max_iters=6, ema_decay=0.5), run, progress=False)
+    ckpt = torch.load(run / layout.CKPT_FILE, weights_only=True)
+    shadow = ckpt["ema"]["shadow"]
+    assert ckpt["ema"]["updates"] == 6 and shadow.keys() == ckpt["model"].keys()
+    assert any(not torch.equal(shadow[k], v) for k, v in ckpt["model"].items() if v.is_floating_point())
+    model, _ = checkpoint.load_model(run)  # sample, tune and the API load the average
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, shadow[k]), k
+    # train.json's held-out CE is the average's; the raw weights' is kept beside it.
+    seqs = train.build_sequences(*load_tokens(run, ckpt["tokenizer_id"]), VOCAB)
+    heldout = seqs[torch.tensor(json.loads((run / "split.json").read_text())["heldout"])]
+    assert summary["val_loss"] == pytest.approx(train.evaluate_loss(model, heldout, 8, torch.device("cpu"), None))
+    raw = GPT(GPTConfig(**ckpt["model_args"]))
+    raw.load_state_dict(ckpt["model"])
+    assert summary["val_loss_raw"] == pytest.approx(train.evaluate_loss(raw, heldout, 8, torch.device("cpu"), None))
+
+
+def test_ema_follows_the_warmed_up_decay():
+    from nefgpt.ema import EMA
+
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.99)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # decay min(0.99, 2 / 11): the new weights get 9/11 of the average
+    assert torch.allclose(ema.shadow["weight"], start + 9 / 11)
+    ema.updates = 10_000
+    assert ema.current_decay() == 0.99
+    with pytest.raises(ValueError):
+        EMA(model, decay=1.0)
+
+
+def test_resume_without_the_average_is_refused(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    train.run_train(cfg(max_iters=3), run, progress=False)
+    with pytest.raises(ArtifactError, match="no weight average"):
+        train.run_train(cfg(max_iters=6, ema_decay=0.9), run, resume=True, progress=False)
+
+
 def interrupted_then_resumed(run: Path, c: TrainConfig, crash_at: int, monkeypatch) -> None:
     real = train.batch_indices
 
@@ -183,9 +227,10 @@ def interrupted_then_resumed(run: Path, c: TrainConfig, crash_at: int, monkeypat
     train.run_train(c, run, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("dtype,p_uncond", [("fp32", 0.0), ("bf16", 0.0), ("fp32", 0.3)])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, dtype, p_uncond):
-    c = cfg(dtype=dtype, p_uncond=p_uncond)
+@pytest.mark.parametrize("dtype,p_uncond,extra", [("fp32", 0.0, {}), ("bf16", 0.0, {}), ("fp32", 0.3, {}),
+                                                   ("fp32", 0.0, {"ema_decay": 0.9, "dropout": 0.1})])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, dtype, p_uncond, extra):
+    c = cfg(dtype=dtype, p_uncond=p_uncond, **extra)
     whole, part = tmp_path / "whole", tmp_path / "part"
     make_run(whole)
     make_run(part)
@@ -465,7 +510,7 @@ def test_training_with_every_lever_reloads_resumes_and_samples(tmp_path, extra):
     assert ckpt["optimizer"]["param_groups"][2]["weight_decay"] == 0.3  # the bias's own group
     # The held-out loss of the summary is the plain cross-entropy of the saved model.
     val = torch.tensor(json.loads((run / "split.json").read_text())["heldout"])
-    seqs = train.build_sequences(*train.load_tokens(run, ckpt["tokenizer_id"]), VOCAB)[val]
+    seqs = train.build_sequences(*load_tokens(run, ckpt["tokenizer_id"]), VOCAB)[val]
     if c.conditioning == "none":
         seqs[:, 1] = VOCAB.sos
     assert summary["val_loss"] == pytest.approx(train.evaluate_loss(model, seqs, 8, torch.device("cpu"), None),

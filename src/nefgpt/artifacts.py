@@ -135,9 +135,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: checkpoint lacks the 'model' and 'model_args' entries")
     if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["model_args"], dict):
         raise ArtifactError(f"{path}: checkpoint's 'model' and 'model_args' must be dicts")
-    for name, t in ckpt["model"].items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise ArtifactError(f"{path}: model weight '{name}' contains NaN or Inf")
+    ema = ckpt.get("ema")
+    averaged = ema.get("shadow") if isinstance(ema, dict) else None
+    if ema is not None and not isinstance(averaged, dict):
+        raise ArtifactError(f"{path}: checkpoint's 'ema' entry must hold a 'shadow' dict of weights")
+    for kind, weights in (("model", ckpt["model"]), ("averaged", averaged or {})):
+        for name, t in weights.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                raise ArtifactError(f"{path}: {kind} weight '{name}' contains NaN or Inf")
     return ckpt
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # the tokenizer stage stays out of this module's imports
     from .field import FieldSpec
     from .codebook import Vocab
 
-__all__ = ["load_checkpoint", "save_checkpoint", "saved_model_args", "load_model", "load_checked_model"]
+__all__ = ["load_checkpoint", "save_checkpoint", "saved_model_args", "sampling_weights", "load_model", "load_checked_model"]
 
 
 def saved_model_args(ckpt: dict) -> dict | None:
@@ -32,12 +32,19 @@ def saved_model_args(ckpt: dict) -> dict | None:
         return None
 
 
+def sampling_weights(ckpt: dict) -> dict:
+    """The weights to sample with: the moving average when training kept one (train.ema_decay), else the model's."""
+    ema = ckpt.get("ema")
+    return ema["shadow"] if isinstance(ema, dict) and "shadow" in ema else ckpt["model"]
+
+
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    """The run's GPT in eval mode, and its checkpoint."""
+    """The run's GPT in eval mode, with its sampling weights, and its checkpoint."""
     ckpt = load_checkpoint(run_dir / CKPT_FILE)
     try:
         model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])  # checked even when the average is what samples: resume needs it
+        model.load_state_dict(sampling_weights(ckpt))
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{run_dir / CKPT_FILE}: does not hold a valid GPT ({str(exc).splitlines()[0][:160]})") from None
     return model.to(device).eval(), ckpt

@@ -82,6 +82,8 @@ class TrainConfig:
     n_embd: int = 128
     head_dim: int = 0  # 0 means n_embd // n_head; set it to decouple head count from width
     dropout: float = 0.0
+    # A moving average of the weights (nefgpt.ema) that sample and tune use; 0 = off, the raw weights.
+    ema_decay: float = 0.0
     bias: bool = True
     # Levers for learning the weight distribution (see nefgpt.model), all off by default:
     class_embed: bool = False  # a learned class embedding (classes + null class) added at every position

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import field, metrics
+from . import field, ssim
 from .artifacts import atomic_path
 from .figures import save_confusion_matrix, save_png
 from .layout import CONFUSION_FILE, GENERATION_FILE, NEAREST_FILE
@@ -119,7 +119,7 @@ def write_eval_figures(run_dir: Path, spec: field.FieldSpec, gen_images: torch.T
     """
     picks = first_per_class(gen_labels, 2)
     k = min(3, len(train_fields))
-    dist, idx = metrics.nearest_k(gen_images[picks], train_fields, k)
+    dist, idx = ssim.nearest_k(gen_images[picks], train_fields, k)
     save_png(run_dir / NEAREST_FILE, nearest_figure(gen_images[picks], gen_labels[picks], train_fields, dist, idx))
     save_confusion_matrix(run_dir / CONFUSION_FILE, confusion, "classifier on the samples (colour: row share)")
     written = [NEAREST_FILE, CONFUSION_FILE]

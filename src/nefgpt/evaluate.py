@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import field, metrics
+from . import field, metrics, ssim
 from .artifacts import save_json
 from .classifier import get_classifier, score_images
 from .config import EvalConfig
@@ -91,8 +91,8 @@ def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
                                                             ref_l)["ratio"]
 
     train_fields = field.render(spec, nefs["weights"][train_idx], res)
-    gen_nn, gen_nn_idx = metrics.nearest_distance(gen, train_fields)
-    held_nn, _ = metrics.nearest_distance(ref, train_fields)
+    gen_nn, gen_nn_idx = ssim.nearest_distance(gen, train_fields)
+    held_nn, _ = ssim.nearest_distance(ref, train_fields)
     novelty = near_copy_stats(gen_nn, held_nn)
 
     clf, clf_info = get_classifier(run_dir, cfg, images[train_idx], train_labels, images[held_idx], held_labels,

@@ -17,6 +17,7 @@ each global batch (nefgpt.distributed): rank 0 runs `run_train`, the others
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from . import distributed
 from .checkpoint import load_checkpoint, saved_model_args
 from .config import TrainConfig
+from .ema import EMA
 from .errors import ArtifactError, NefgptError, UsageError
 from .field import FieldSpec
 from .layout import CKPT_FILE, TOKENIZER_FILE
@@ -124,14 +126,18 @@ def evaluate_loss(model: GPT, seqs: torch.Tensor, batch_size: int, device: torch
 
 
 class GPTTask(Task):
-    """The GPT's part of the loop: this rank's share of each global batch, the token loss, the held-out CE."""
+    """The GPT's part of the loop: this rank's share of each global batch, the token loss, the held-out CE.
+
+    With an `ema` (train.ema_decay > 0, rank 0 only) the held-out CE is that of the averaged weights,
+    the ones `sample` and `tune` use.
+    """
 
     def __init__(self, model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfig, train_seqs: torch.Tensor,
                  null: int, device: torch.device, amp: torch.dtype | None, group: distributed.Group | None = None,
-                 val_seqs: torch.Tensor | None = None, extra: dict | None = None) -> None:
+                 val_seqs: torch.Tensor | None = None, extra: dict | None = None, ema: EMA | None = None) -> None:
         self.model, self.optimizer, self.model_args = model, optimizer, model.config.to_dict()
         self.cfg, self.train_seqs, self.val_seqs, self.null = cfg, train_seqs, val_seqs, null
-        self.device, self.amp, self.group, self.extra = device, amp, group, extra or {}
+        self.device, self.amp, self.group, self.extra, self.ema = device, amp, group, extra or {}, ema
         self.net: torch.nn.Module = model  # the DDP wrapper under torchrun (train_steps sets it)
         # Looked up now, not at import, so a test may replace sequence_loss.
         self.step_fn = torch.compile(sequence_loss) if cfg.compile else sequence_loss
@@ -142,11 +148,30 @@ class GPTTask(Task):
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self.step_fn(self.net, batch, self.cfg.hl_sigma)
 
+    def after_step(self) -> None:
+        if self.ema:
+            self.ema.update(self.model)
+
+    def sampled_model(self) -> GPT:
+        """The weights that sampling will use: the average with EMA on, else the model itself."""
+        if not self.ema:
+            return self.model
+        averaged = copy.deepcopy(self.model)
+        averaged.load_state_dict(self.ema.shadow)
+        return averaged
+
     def evaluate(self) -> float:
-        return evaluate_loss(self.model, self.val_seqs, self.cfg.batch_size, self.device, self.amp)
+        return evaluate_loss(self.sampled_model(), self.val_seqs, self.cfg.batch_size, self.device, self.amp)
 
     def checkpoint(self) -> dict:
-        return {**self.extra, "config": vars(self.cfg).copy()}
+        ema = {"ema": self.ema.state_dict()} if self.ema else {}
+        return {**self.extra, "config": vars(self.cfg).copy(), **ema}
+
+    def restore(self, ckpt: dict) -> None:
+        if self.ema:
+            if "ema" not in ckpt:
+                raise ArtifactError("the checkpoint has no weight average, but train.ema_decay > 0; use --force to restart")
+            self.ema.load_state_dict(ckpt["ema"])
 
 
 def train_steps(model: GPT, optimizer: torch.optim.Optimizer, trainer: Trainer) -> tuple[int, str]:
@@ -191,8 +216,9 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
         model.code_values.copy_(tok.codebook)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.pos_bias_decay,
                                           cfg.pos_bias_lr_mult)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     task = GPTTask(model, optimizer, cfg, train_seqs, vocab.sos, device, amp, group, val_seqs,
-                   {"tokenizer_id": tok_id})
+                   {"tokenizer_id": tok_id}, ema)
     trainer = Trainer(task, cfg, device, amp, run_dir=run_dir, group=group, progress=progress, desc="train",
                       tokens_per_iter=cfg.batch_size * (seqs.shape[1] - 1))
     ckpt_path = run_dir / CKPT_FILE
@@ -219,13 +245,17 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
         group.end_training()
     trainer.finish()
 
-    final_train = evaluate_loss(model, train_seqs[: len(val_seqs)], cfg.batch_size, device, amp)
-    final_val = evaluate_loss(model, val_seqs, cfg.batch_size, device, amp)
+    sampled = task.sampled_model()
+    final_train = evaluate_loss(sampled, train_seqs[: len(val_seqs)], cfg.batch_size, device, amp)
+    final_val = evaluate_loss(sampled, val_seqs, cfg.batch_size, device, amp)
+    # With EMA the losses above are the average's; the raw weights' held-out CE shows what averaging gained.
+    raw = {"val_loss_raw": evaluate_loss(model, val_seqs, cfg.batch_size, device, amp), "ema_decay": cfg.ema_decay} if ema else {}
     summary = trainer.summary(final_train, final_val, tail={
         "tokenizer_id": tok_id,
         "conditioning": cfg.conditioning,
         "p_uncond": cfg.p_uncond,
         "processes": group.world_size if group else 1,
+        **raw,
     })
     return trainer.write_summary(summary)
 

@@ -197,6 +197,12 @@ class Task:
         """What this model's checkpoint holds besides the loop's keys."""
         return {}
 
+    def restore(self, ckpt: dict) -> None:
+        """On resume, after the loop restored model and optimizer: this model's own checkpoint content."""
+
+    def after_step(self) -> None:
+        """After each optimizer step (on every rank), e.g. to update a weight average."""
+
     def finish(self) -> None:
         """After the last step, before the final checkpoint."""
 
@@ -229,6 +235,7 @@ class Trainer:
         """Continue from a checkpoint that the caller checked to fit this model; log rows after it go."""
         self.task.model.load_state_dict(ckpt["model"])
         self.task.optimizer.load_state_dict(ckpt["optimizer"])
+        self.task.restore(ckpt)
         self.start = self.done = int(ckpt["iter_num"])
         self.best_val = float(ckpt["best_val_loss"])
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
@@ -300,6 +307,7 @@ class Trainer:
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(task.model.parameters(), cfg.grad_clip)
                 task.optimizer.step()
+                task.after_step()
                 self.done = it + 1
                 # Checked only here, between steps, so an interrupted checkpoint is exactly the state after it + 1.
                 stop = stop or (group is None and bool(interrupted))

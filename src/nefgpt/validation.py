@@ -155,6 +155,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     t = cfg.train
     if not 0 <= t.p_uncond <= 1:  # also refuses NaN
         raise UsageError(f"train.p_uncond must be in [0, 1], got {t.p_uncond}")
+    if not 0 <= t.ema_decay < 1:
+        raise UsageError(f"train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
+    if not 0 <= t.dropout < 1:
+        raise UsageError(f"train.dropout must be in [0, 1), got {t.dropout}")
     # Guidance mixes class and null-class predictions: only a model that learned both can give them
     # (generate.check_guidance checks the checkpoint's own config: a different rule, on the trained model).
     if s.guidance != 1 and t.model == "gpt" and (t.conditioning != "class" or t.p_uncond == 0):
