@@ -93,6 +93,14 @@ def test_best_is_the_smallest_nna_gap_among_accurate_settings():
     assert choose_best(rows, "accuracy", 0.9) == (1, True)
 
 
+def test_without_an_accurate_setting_the_margin_lets_the_objective_choose():
+    rows = [row(nna=0.9, accuracy=0.74), row(nna=0.77, accuracy=0.71), row(nna=0.6, accuracy=0.5)]
+    assert choose_best(rows, "nna_gap", 0.85) == (0, False)  # margin 0: the most accurate, as before
+    assert choose_best(rows, "nna_gap", 0.85, fallback_margin=0.05) == (1, False)
+    assert choose_best(rows, "nna_gap", 0.85, fallback_margin=0.3) == (2, False)
+    assert choose_best(rows, "nna_gap", 0.7, fallback_margin=0.3) == (1, True)  # a reachable floor wins over it
+
+
 def test_best_by_mmd_and_cov():
     rows = [row(mmd=0.3, cov=0.4), row(mmd=0.2, cov=0.2), row(mmd=0.1, cov=0.5, accuracy=0.5)]
     assert choose_best(rows, "mmd", 0.9) == (1, True)

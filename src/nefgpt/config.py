@@ -158,6 +158,9 @@ class TuneConfig:
     # diversity |1 - within-class diversity ratio|; balanced |1-NNA - 0.5| + |1 - diversity ratio|.
     objective: str = "nna_gap"
     min_accuracy: float = 0.9  # settings below this classifier accuracy are not eligible
+    # When no setting reaches min_accuracy: the objective still decides, among the settings within this much of
+    # the best accuracy. 0 (the default, as older runs chose) takes the most accurate setting.
+    fallback_margin: float = 0.0
     n_per_class: int = 30
     seed: int = 0
 

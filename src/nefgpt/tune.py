@@ -95,17 +95,23 @@ def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     return grid[: cfg.budget] if cfg.budget else grid
 
 
-def choose_best(rows: list[dict], objective: str, min_accuracy: float) -> tuple[int, bool]:
+def choose_best(rows: list[dict], objective: str, min_accuracy: float, fallback_margin: float = 0.0) -> tuple[int, bool]:
     """Index of the best row, and whether it reaches min_accuracy.
 
-    Among eligible rows the objective decides, then higher accuracy, then the
-    earlier row. With no eligible row the most accurate one wins. ``objective`` was checked by check_tune.
+    Among eligible rows the objective decides, then higher accuracy, then the earlier row. With no
+    eligible row the floor drops to the best accuracy minus `fallback_margin`: with the margin 0 the
+    most accurate row wins, as it always did; a margin lets the objective trade a little accuracy
+    for diversity instead of taking the least varied setting. ``objective`` was checked by check_tune.
     """
     eligible = [i for i, r in enumerate(rows) if r["accuracy"] >= min_accuracy]
-    if not eligible:
-        return min(range(len(rows)), key=lambda i: (-rows[i]["accuracy"], i)), False
+    qualified = bool(eligible)
+    if not qualified:
+        floor = max(r["accuracy"] for r in rows) - fallback_margin
+        eligible = [i for i, r in enumerate(rows) if r["accuracy"] >= floor]
+        if fallback_margin == 0:
+            return min(eligible, key=lambda i: (-rows[i]["accuracy"], i)), False
     score = OBJECTIVES[objective]
-    return min(eligible, key=lambda i: (score(rows[i]), -rows[i]["accuracy"], i)), True
+    return min(eligible, key=lambda i: (score(rows[i]), -rows[i]["accuracy"], i)), qualified
 
 
 def format_table(rows: list[dict], best: int, objective: str) -> str:
@@ -202,13 +208,17 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", nna=f"{row['1nna']:.2f}", refresh=False)
 
     bar.close()
-    best, qualified = choose_best(rows, tc.objective, tc.min_accuracy)
+    best, qualified = choose_best(rows, tc.objective, tc.min_accuracy, tc.fallback_margin)
+    top = max(r["accuracy"] for r in rows)
     note = (f"best {tc.objective} among {sum(r['eligible'] for r in rows)} settings with accuracy >= {tc.min_accuracy}"
-            if qualified else f"no setting reached accuracy {tc.min_accuracy}; chose the most accurate one")
+            if qualified else f"no setting reached accuracy {tc.min_accuracy}; chose the most accurate one"
+            if tc.fallback_margin == 0 else f"no setting reached accuracy {tc.min_accuracy}; best {tc.objective} "
+            f"among the settings within {tc.fallback_margin:g} of the best accuracy {top:.3f}")
     result = {
         "objective": tc.objective,
         "objective_definition": OBJECTIVES[tc.objective].definition + " (lower is better)",
         "min_accuracy": tc.min_accuracy,
+        "fallback_margin": tc.fallback_margin,
         "search": tc.search,
         "n_settings_planned": len(settings),
         "n_settings_tried": len(rows),

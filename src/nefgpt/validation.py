@@ -117,6 +117,8 @@ def check_tune(cfg: TuneConfig, num_codes: int) -> None:
     check_choice("tune.search", cfg.search, ("grid", "random"))
     if not 0 <= cfg.min_accuracy <= 1:
         raise UsageError(f"tune.min_accuracy must be in [0, 1], got {cfg.min_accuracy}")
+    if not 0 <= cfg.fallback_margin <= 1:
+        raise UsageError(f"tune.fallback_margin must be in [0, 1], got {cfg.fallback_margin}")
     if not (math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0):
         raise UsageError(f"tune.max_minutes must be a finite number >= 0 (0 = no budget), got {cfg.max_minutes}")
     if cfg.n_per_class < 1:
