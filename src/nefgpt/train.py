@@ -139,6 +139,7 @@ class GPTTask(Task):
         self.cfg, self.train_seqs, self.val_seqs, self.null = cfg, train_seqs, val_seqs, null
         self.device, self.amp, self.group, self.extra, self.ema = device, amp, group, extra or {}, ema
         self.net: torch.nn.Module = model  # the DDP wrapper under torchrun (train_steps sets it)
+        self.averaged: GPT | None = None  # one copy of the model that holds the average, made on first use
         # Looked up now, not at import, so a test may replace sequence_loss.
         self.step_fn = torch.compile(sequence_loss) if cfg.compile else sequence_loss
 
@@ -156,9 +157,10 @@ class GPTTask(Task):
         """The weights that sampling will use: the average with EMA on, else the model itself."""
         if not self.ema:
             return self.model
-        averaged = copy.deepcopy(self.model)
-        averaged.load_state_dict(self.ema.shadow)
-        return averaged
+        if self.averaged is None:
+            self.averaged = copy.deepcopy(self.model)
+        self.averaged.load_state_dict(self.ema.shadow)
+        return self.averaged
 
     def evaluate(self) -> float:
         return evaluate_loss(self.sampled_model(), self.val_seqs, self.cfg.batch_size, self.device, self.amp)

@@ -114,6 +114,17 @@ def choose_best(rows: list[dict], objective: str, min_accuracy: float, fallback_
     return min(eligible, key=lambda i: (score(rows[i]), -rows[i]["accuracy"], i)), qualified
 
 
+
+def choice_note(rows: list[dict], tc: TuneConfig, qualified: bool) -> str:
+    """Which of choose_best's rules chose, in words for tune.json."""
+    if qualified:
+        return f"best {tc.objective} among {sum(r['eligible'] for r in rows)} settings with accuracy >= {tc.min_accuracy}"
+    if tc.fallback_margin == 0:
+        return f"no setting reached accuracy {tc.min_accuracy}; chose the most accurate one"
+    top = max(r["accuracy"] for r in rows)
+    return (f"no setting reached accuracy {tc.min_accuracy}; best {tc.objective} among the settings within "
+            f"{tc.fallback_margin:g} of the best accuracy {top:.3f}")
+
 def format_table(rows: list[dict], best: int, objective: str) -> str:
     """Every setting's scores as a Markdown table, the chosen one in bold."""
     def fmt_k(k: int) -> str:
@@ -209,11 +220,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
 
     bar.close()
     best, qualified = choose_best(rows, tc.objective, tc.min_accuracy, tc.fallback_margin)
-    top = max(r["accuracy"] for r in rows)
-    note = (f"best {tc.objective} among {sum(r['eligible'] for r in rows)} settings with accuracy >= {tc.min_accuracy}"
-            if qualified else f"no setting reached accuracy {tc.min_accuracy}; chose the most accurate one"
-            if tc.fallback_margin == 0 else f"no setting reached accuracy {tc.min_accuracy}; best {tc.objective} "
-            f"among the settings within {tc.fallback_margin:g} of the best accuracy {top:.3f}")
+    note = choice_note(rows, tc, qualified)
     result = {
         "objective": tc.objective,
         "objective_definition": OBJECTIVES[tc.objective].definition + " (lower is better)",
