@@ -121,6 +121,10 @@ class Group:
         """Leader, on the way out: tell followers that wait for an order to exit."""
         if self.state != "training":
             self._send(STOP)
+            # Tear the group down only when no rank is still inside a collective: destroying gloo's pairs
+            # while the peer reads the STOP aborted the process at exit ("terminate called without an
+            # active exception") on a loaded 2-core machine. Followers meet this barrier after the STOP.
+            dist.barrier()
 
     def next_order(self) -> TrainOrder | None:
         """Follower: the leader's next order; None means exit."""
@@ -222,6 +226,7 @@ def follow(train: Callable[[TrainOrder, Group], bool]) -> int:
         while (order := group.next_order()) is not None:
             if not train(order, group):
                 return 0
+        dist.barrier()  # the leader's, after its STOP (Group.release)
         return 0
     finally:
         _GROUP = None
