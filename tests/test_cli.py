@@ -18,6 +18,7 @@ import torch
 
 from nefgpt.artifacts import load_tensors
 from nefgpt.cli import main
+from nefgpt.errors import UsageError
 
 ARTIFACTS = ("config.json", "split.json", "nefs.safetensors", "tokenizer.safetensors", "tokens.safetensors",
              "tokenizer.json", "ckpt.pt", "train.json", "train_log.csv", "loss.png", "samples.safetensors",
@@ -344,10 +345,11 @@ def test_sample_from_a_pretrained_model_folder(run_copy, tmp_path, monkeypatch):
     from nefgpt import pretrained
 
     root = tmp_path / "models"
-    (root / "toy").mkdir(parents=True)
-    for name in pretrained.SHIPPED_FILES:
-        if (run_copy / name).exists():
-            shutil.copyfile(run_copy / name, root / "toy" / name)
+    pretrained.export(run_copy, root / "toy")
+    shipped = torch.load(root / "toy" / "ckpt.pt", weights_only=True)
+    trained = torch.load(run_copy / "ckpt.pt", weights_only=True)
+    assert not {"optimizer", "ema"} & set(shipped) and "ema" in trained  # the smoke run averages (cpu preset)
+    assert all(torch.equal(shipped["model"][k], v) for k, v in trained["ema"]["shadow"].items())
     monkeypatch.setattr(pretrained, "models_root", lambda: root)
     out = tmp_path / "fresh"
     rc, _, err = call(["sample", "--pretrained", "toy", "--label", "3", "-n", "4", "--out", out, "--quiet"])
@@ -356,3 +358,6 @@ def test_sample_from_a_pretrained_model_folder(run_copy, tmp_path, monkeypatch):
     assert tensors["labels"].tolist() == [3] * 4 and (out / "samples_grid.png").exists()
     rc, _, err = call(["sample", "--pretrained", "nope", "--out", out])
     assert_one_error_line(err, "nope", "toy")
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(UsageError, match="unfinished.*not a finished, evaluated run"):
+        pretrained.export(tmp_path / "unfinished", root / "bad")

@@ -270,9 +270,9 @@ def test_vocab_check_uses_the_datas_class_count():
 
 
 def test_defaults_stay_the_values_that_reproduce_older_config_json():
-    # TrainConfig's defaults are not the cpu preset's: keys an older config.json lacks take them. The shipped
-    # pretrained model's config.json predates the levers and budgets, and must still read as trained.
-    saved = Path(config.__file__).parent / "pretrained_models" / "mnist" / "config.json"
+    # TrainConfig's defaults are not the cpu preset's: keys an older config.json lacks take them. This one, of
+    # the model shipped on 2026-11-26, predates the levers and budgets, and must still read as trained.
+    saved = Path(__file__).parent / "data" / "pre_levers_config.json"
     tables = json.loads(saved.read_text())
     assert "class_embed" not in tables["train"] and "max_minutes" not in tables["train"]
     cfg = validate(from_dict(tables, source=str(saved)))

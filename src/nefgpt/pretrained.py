@@ -12,6 +12,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from .artifacts import load_checkpoint, save_checkpoint
+from .checkpoint import sampling_weights
 from .errors import UsageError
 from .layout import CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, GRID_FILE, METRICS_FILE, TOKENIZER_FILE, TUNE_FILE
 
@@ -46,3 +48,22 @@ def install(name: str, run_dir: Path) -> Path:
         if (src / f).exists() and f != GRID_FILE:
             shutil.copyfile(src / f, run_dir / f)
     return run_dir
+
+
+def export(run_dir: Path, dest: Path) -> Path:
+    """Write a finished run as a shipped-model folder: its SHIPPED_FILES, the checkpoint cut to what sampling reads.
+
+    The checkpoint keeps the weights `sample` uses (the moving average where training kept one) as its
+    model, and drops the optimizer state and the second copy, which only resuming needs.
+    """
+    missing = [f for f in REQUIRED_FILES + (METRICS_FILE, CLASSIFIER_FILE) if not (run_dir / f).exists()]
+    if missing:
+        raise UsageError(f"{run_dir}: not a finished, evaluated run (no {', '.join(missing)})")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in SHIPPED_FILES:
+        if f != CKPT_FILE and (run_dir / f).exists():
+            shutil.copyfile(run_dir / f, dest / f)
+    ckpt = load_checkpoint(run_dir / CKPT_FILE)
+    kept = {k: v for k, v in ckpt.items() if k not in ("optimizer", "ema")}
+    save_checkpoint(dest / CKPT_FILE, {**kept, "model": sampling_weights(ckpt)})
+    return dest
