@@ -12,7 +12,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from .artifacts import load_checkpoint, save_checkpoint
+from .artifacts import load_checkpoint, save_checkpoint, write_bytes
 from .checkpoint import sampling_weights
 from .errors import UsageError
 from .layout import CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, GRID_FILE, METRICS_FILE, TOKENIZER_FILE, TUNE_FILE
@@ -62,7 +62,7 @@ def export(run_dir: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for f in SHIPPED_FILES:
         if f != CKPT_FILE and (run_dir / f).exists():
-            shutil.copyfile(run_dir / f, dest / f)
+            write_bytes(dest / f, (run_dir / f).read_bytes())  # atomic, like every artifact write
     ckpt = load_checkpoint(run_dir / CKPT_FILE)
     kept = {k: v for k, v in ckpt.items() if k not in ("optimizer", "ema")}
     save_checkpoint(dest / CKPT_FILE, {**kept, "model": sampling_weights(ckpt)})
