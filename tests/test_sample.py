@@ -17,7 +17,7 @@ from nefgpt.config import RunConfig, SampleConfig, apply_overrides
 from nefgpt.errors import UsageError
 from nefgpt.model import GPT, GPTConfig
 from nefgpt.validation import check_sampling
-from nefgpt.generate import check_guidance, condition_tokens, filter_logits, generate
+from nefgpt.generate import check_guidance, condition_tokens, draw_tokens, filter_logits, generate, generate_scored
 from nefgpt.layout import SAMPLES_FILE
 from nefgpt.sample import run_sample
 from nefgpt.codebook import Vocab
@@ -351,6 +351,80 @@ def test_guidance_mixes_conditional_and_null_logits(model):
     assert torch.equal(gen(model, labels, seed=0, temperature=0.0, guidance=0.0),
                        gen(model, [-1, -1, -1], seed=0, temperature=0.0))
     assert not torch.equal(out, gen(model, labels, seed=0, temperature=0.0))
+
+
+def class_score_reference(model, labels, tokens):
+    """log p(w | c) - log p(w | null) of whole sequences, from two plain teacher-forced forward passes."""
+    cond = torch.tensor([[VOCAB.sos, VOCAB.class_token(c)] for c in labels])
+    null = torch.full_like(cond, VOCAB.sos)
+    with torch.no_grad():
+        def logp(prefix):
+            logits = model(torch.cat([prefix, tokens[:, :-1]], dim=1))[:, 1:].double()
+            return torch.log_softmax(logits, dim=-1).gather(2, tokens[..., None])[..., 0].sum(dim=1)
+        return logp(cond) - logp(null)
+
+
+@pytest.mark.numerics  # tokens compared across batch sizes (the null-class half doubles it)
+@pytest.mark.parametrize("kw", [dict(), dict(guidance=2.0), dict(temperature=0.7, min_p=0.05)])
+def test_generate_scored_gives_the_same_tokens_and_the_implicit_class_score(model, kw):
+    labels = [0, 1, 2, 2]
+    tokens, score = generate_scored(model, torch.tensor(labels), VOCAB, NUM_WEIGHTS, kw.get("temperature", 1.0), 0,
+                                    1.0, torch.Generator().manual_seed(5), guidance=kw.get("guidance", 1.0),
+                                    min_p=kw.get("min_p", 0.0))
+    assert torch.equal(tokens, gen(model, labels, seed=5, **kw))
+    # The score reads the model's raw logits, whatever the sampling setting.
+    assert torch.allclose(score, class_score_reference(model, labels, tokens), atol=1e-4)
+
+
+SETTING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0}
+
+
+@pytest.mark.numerics  # tokens compared across batch sizes (the null-class half doubles it)
+def test_oversample_keeps_the_best_scored_candidates_of_each_class_in_drawing_order(model):
+    labels = torch.tensor([2, 0, 2, 0, 1, 2])
+    out = draw_tokens(model, labels, VOCAB, NUM_WEIGHTS, dict(SETTING, oversample=2.5),
+                      torch.Generator().manual_seed(4), batch_size=4)
+    # The candidates: ceil(2.5 k) per class, classes in order, drawn in batches of 4 from the same generator.
+    cand_labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 8)
+    gen = torch.Generator().manual_seed(4)
+    drawn = [generate_scored(model, b, VOCAB, NUM_WEIGHTS, 1.0, 0, 1.0, gen) for b in cand_labels.split(4)]
+    tokens, scores = torch.cat([t for t, _ in drawn]), torch.cat([s for _, s in drawn])
+    for c in range(3):
+        cands = (cand_labels == c).nonzero()[:, 0]
+        kept = [int(i) for i in cands if any(torch.equal(tokens[i], row) for row in out[labels == c])]
+        assert len(kept) == int((labels == c).sum())
+        dropped = [int(i) for i in cands if int(i) not in kept]
+        assert min(scores[kept]) >= max(scores[dropped])
+        assert torch.equal(out[labels == c], tokens[kept])  # in the order they were drawn
+
+
+@pytest.mark.numerics  # tokens compared across batch sizes (the null-class half doubles it)
+def test_oversample_one_is_plain_generation_and_the_null_class_has_no_score(model):
+    labels = torch.tensor([0, 1, 1])
+    plain = draw_tokens(model, labels, VOCAB, NUM_WEIGHTS, SETTING, torch.Generator().manual_seed(2), batch_size=2)
+    gen = torch.Generator().manual_seed(2)
+    assert torch.equal(plain, torch.cat([generate(model, b, VOCAB, NUM_WEIGHTS, 1.0, 0, 1.0, gen)
+                                         for b in labels.split(2)]))
+    with pytest.raises(UsageError, match="oversample"):
+        draw_tokens(model, torch.tensor([-1, -1]), VOCAB, NUM_WEIGHTS, dict(SETTING, oversample=2.0),
+                    torch.Generator().manual_seed(2), batch_size=2)
+
+
+@pytest.mark.parametrize("bad", [0.5, 0.0, 101.0, float("nan"), float("inf")])
+def test_oversample_must_be_between_one_and_the_cap(bad):
+    with pytest.raises(UsageError, match="oversample"):
+        check_sampling(1.0, 0, 1.0, num_codes=245, oversample=bad)
+    with pytest.raises(UsageError, match="sample.oversample"):
+        apply_overrides(RunConfig(), ["train.p_uncond=0.1", f"sample.oversample={bad}"])
+    check_sampling(1.0, 0, 1.0, num_codes=245, oversample=3.0)
+
+
+def test_oversample_needs_a_model_trained_with_the_null_class():
+    with pytest.raises(UsageError, match="sample.oversample = 2.0 needs train.conditioning = class"):
+        apply_overrides(RunConfig(), ["sample.oversample=2.0"])  # p_uncond 0
+    apply_overrides(RunConfig(), ["train.p_uncond=0.1", "sample.oversample=2.0"])
+    with pytest.raises(UsageError, match="sample.oversample = 2.0 needs a class-conditional model"):
+        check_guidance(2.0, {"conditioning": "class", "p_uncond": 0.0}, "ckpt.pt", key="oversample")
 
 
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nefgpt.artifacts import load_tensors, save_json
@@ -38,9 +39,10 @@ def test_candidate_settings_cover_the_grid_in_order_without_duplicates():
     cfg = TuneConfig(temperatures=[0.8, 1.0], top_ks=[0, 3, 3], top_ps=[1.0, 0.9])
     settings = candidate_settings(cfg, num_codes=245)
     assert len(settings) == 8
-    assert settings[0] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0}
-    assert settings[1] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, "min_p": 0.0, "guidance": 1.0}
-    assert settings[-1] == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "min_p": 0.0, "guidance": 1.0}
+    off = {"min_p": 0.0, "guidance": 1.0, "oversample": 1.0}
+    assert settings[0] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0, **off}
+    assert settings[1] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, **off}
+    assert settings[-1] == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, **off}
     assert all(isinstance(s["top_k"], int) and isinstance(s["temperature"], float) for s in settings)
     cfg.budget = 3
     assert candidate_settings(cfg, 245) == settings[:3]
@@ -56,6 +58,14 @@ def test_min_p_is_searched_with_the_other_dimensions():
     cfg.search, cfg.budget = "random", 4
     drawn = candidate_settings(cfg, 245)
     assert len(drawn) == 4 and all(s in settings for s in drawn)
+
+
+def test_oversample_varies_fastest_and_is_checked():
+    cfg = TuneConfig(temperatures=[0.7], top_ks=[0], top_ps=[1.0], min_ps=[0.0, 0.05], oversamples=[1, 2])
+    assert [(s["min_p"], s["oversample"]) for s in candidate_settings(cfg, 245)] == [
+        (0.0, 1.0), (0.0, 2.0), (0.05, 1.0), (0.05, 2.0)]
+    with pytest.raises(UsageError, match="tune.oversamples"):
+        candidate_settings(TuneConfig(oversamples=[0.5]), 245)
 
 
 def test_random_search_draws_a_seeded_subset_of_the_grid():
@@ -140,22 +150,24 @@ def test_without_an_eligible_setting_the_most_accurate_wins():
 def test_table_has_one_line_per_setting_and_the_best_in_bold():
     rows = [row(k=0, p=1.0, accuracy=0.5), {**row(k=3, p=0.9, accuracy=0.94), "min_p": 0.05, "diversity_ratio": 0.8}]
     lines = format_table(rows, 1, "nna_gap").splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| guidance | T | top-k | top-p | min-p |")
+    assert len(lines) == 4 and lines[0].startswith("| guidance | T | top-k | top-p | min-p | oversample |")
     assert "| diversity | nna_gap |" in lines[0]
     # A row without min-p or diversity (a tune.json from before they were tuned) shows them as off / unknown.
-    assert "**" not in lines[2] and lines[2].startswith("| 1 | 1 | – | – | – | 50.0% |")
+    assert "**" not in lines[2] and lines[2].startswith("| 1 | 1 | – | – | – | – | 50.0% |")
     assert lines[2].endswith("| – | 0.0000 |")
-    assert lines[3].startswith("| **1** | **1** | **3** | **0.9** | **0.05** | **94.0%** |")
+    assert lines[3].startswith("| **1** | **1** | **3** | **0.9** | **0.05** | **–** | **94.0%** |")
     assert lines[3].endswith("| **0.800** | **0.0000** |")
 
 
 def test_load_best_setting_reads_types_and_names_a_bad_file(tmp_path):
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 1, "top_k": 3.0, "top_p": 0.9, "accuracy": 0.9}})
-    # A tune.json written before guidance and min-p were tuned means plain conditional sampling, min-p off.
-    assert load_best_setting(tmp_path) == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "min_p": 0.0, "guidance": 1.0}
+    # A tune.json written before guidance, min-p and oversampling were tuned means plain conditional sampling.
+    assert load_best_setting(tmp_path) == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "min_p": 0.0, "guidance": 1.0,
+                                           "oversample": 1.0}
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 0.7, "top_k": 0, "top_p": 1, "min_p": 0.1,
-                                              "guidance": 2}})
-    assert load_best_setting(tmp_path) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "guidance": 2.0}
+                                              "guidance": 2, "oversample": 3}})
+    assert load_best_setting(tmp_path) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "guidance": 2.0,
+                                           "oversample": 3.0}
     save_json(tmp_path / TUNE_FILE, {"settings": []})
     with pytest.raises(ArtifactError, match="tune.json"):
         load_best_setting(tmp_path)
@@ -239,7 +251,7 @@ def run_copy(tuned, tmp_path) -> Path:
 
 def sampling_used(run: Path) -> dict:
     meta = load_tensors(run / "samples.safetensors")[1]["sampling"]
-    return {k: meta[k] for k in ("temperature", "top_k", "top_p", "min_p", "guidance", "use_tuned")}
+    return {k: meta[k] for k in ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample", "use_tuned")}
 
 
 def test_tune_writes_every_setting_and_the_best(tuned):
@@ -285,7 +297,7 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
     rc, err = call("tune", "--out", run_copy, "--quiet",
                    *sets("tune.temperatures=[0.6]", "tune.top_ks=[1]", "tune.top_ps=[0.8]"))
     assert rc == 0, err
-    tuned = {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "min_p": 0.0, "guidance": 1.0}
+    tuned = {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0}
     assert load_best_setting(run_copy) == tuned
     rc, err = call("sample", "--out", run_copy, "--quiet")
     assert rc == 0 and "[sample] running" in err, err
@@ -310,7 +322,7 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
     assert rc == 0, err
     # (config.json's own values: the fallback, with the values given by hand above)
     assert sampling_used(run_copy) == {"temperature": 0.9, "top_k": 4, "top_p": 1.0, "min_p": 0.1, "guidance": 1.0,
-                                       "use_tuned": False}
+                                       "oversample": 1.0, "use_tuned": False}
 
 
 def test_evaluate_writes_its_figures(run_copy):
@@ -373,6 +385,24 @@ def test_guidance_is_tuned_only_for_a_model_trained_with_the_null_class(run_copy
     rc, err = call("sample", "--out", run_copy, "--quiet", "--temperature", "0.7")
     assert rc == 0, err
     assert sampling_used(run_copy) == {**best, "temperature": 0.7, "use_tuned": True}
+
+
+def test_oversample_is_tuned_and_sampled_for_a_model_trained_with_the_null_class(run_copy):
+    rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets("tune.oversamples=[1, 2]"))
+    assert rc == 2 and "oversample" in err and "p_uncond" in err
+    rc, err = call("train", "--out", run_copy, "--quiet", *sets("train.p_uncond=0.2"))
+    assert rc == 0, err
+    rc, err = call("tune", "--out", run_copy, "--quiet", *sets("tune.oversamples=[1, 2]", "tune.temperatures=[1.0]",
+                                                                  "tune.top_ks=[0]"))
+    assert rc == 0, err
+    rows = json.loads((run_copy / TUNE_FILE).read_text())["settings"]
+    assert [r["oversample"] for r in rows] == [1.0, 2.0]
+    assert "| oversample |" in (run_copy / TUNE_TABLE_FILE).read_text()
+    rc, err = call("sample", "--out", run_copy, "--quiet", "--oversample", "3")
+    assert rc == 0, err
+    assert sampling_used(run_copy) == {**load_best_setting(run_copy), "oversample": 3.0, "use_tuned": True}
+    tensors = load_tensors(run_copy / "samples.safetensors")[0]
+    assert torch.bincount(tensors["labels"].long()).tolist() == [2] * len(tensors["labels"].unique())  # n_per_class kept
 
 
 def test_max_minutes_stops_after_the_settings_tried_in_time(run_copy):

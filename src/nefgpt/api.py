@@ -50,7 +50,7 @@ class Fields:
     labels: (N,) int64, the class each field was conditioned on (slot numbers for an unconditional model).
     spec: the field architecture the weights belong to.
     tokens: (N, spec.num_params) int64 code tokens the weights were decoded from.
-    setting: the sampling setting they were drawn with ({temperature, top_k, top_p, min_p, guidance}).
+    setting: the sampling setting they were drawn with ({temperature, top_k, top_p, min_p, guidance, oversample}).
     """
 
     weights: torch.Tensor
@@ -105,7 +105,7 @@ class Generator:
 
     @property
     def setting(self) -> dict:
-        """The sampling setting `sample` uses by default: {temperature, top_k, top_p, min_p, guidance}."""
+        """The sampling setting `sample` uses by default: {temperature, top_k, top_p, min_p, guidance, oversample}."""
         return {k: getattr(self.config.sample, k) for k in SAMPLING_KEYS}
 
     def __repr__(self) -> str:
@@ -114,22 +114,22 @@ class Generator:
 
     def sample(self, labels: Iterable[int] | None = None, *, n_per_class: int = 1, seed: int | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               min_p: float | None = None, guidance: float | None = None, batch_size: int | None = None,
-               progress: bool = False) -> Fields:
+               min_p: float | None = None, guidance: float | None = None, oversample: float | None = None,
+               batch_size: int | None = None, progress: bool = False) -> Fields:
         """Generate fields, one per entry of `labels`, in that order.
 
         labels: class indices in 0..num_classes-1 (repeat a label for several fields); None samples
             `n_per_class` fields of every class (the only choice for an unconditional model).
         seed: seeds the sampling generator; None is the run's sample.seed. The same seed, labels and
             setting give the same fields every time.
-        temperature, top_k, top_p, min_p, guidance: replace that value of `self.setting` only, as
-            ``nefgpt sample --temperature ...`` does (top_k 0, top_p 1 and min_p 0 are off).
+        temperature, top_k, top_p, min_p, guidance, oversample: replace that value of `self.setting` only, as
+            ``nefgpt sample --temperature ...`` does (top_k 0, top_p 1, min_p 0 and oversample 1 are off).
         batch_size: fields generated together; None is the run's sample.batch_size, which is what makes the
             fields equal to the CLI's: the batching decides which random draws each field gets.
         """
         cfg = copy.deepcopy(self.config.sample)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p, "guidance": guidance,
-                 "seed": seed, "batch_size": batch_size}
+                 "oversample": oversample, "seed": seed, "batch_size": batch_size}
         for key, value in given.items():
             if value is not None:
                 setattr(cfg, key, value)

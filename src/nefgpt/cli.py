@@ -51,8 +51,8 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
 
 
 def _sample_overrides(args: argparse.Namespace) -> dict:
-    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "n": "n_per_class",
-             "seed": "seed"}
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+             "oversample": "oversample", "n": "n_per_class", "seed": "seed"}
     return {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src, None) is not None}
 
 
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-p", dest="top_p", type=float)
             p.add_argument("--min-p", dest="min_p", type=float,
                            help="keep tokens at least this share of the top token's probability (0 = off)")
+            p.add_argument("--oversample", type=float,
+                           help="draw this many candidates per field and keep those the model places most "
+                                "clearly in their class (1 = off)")
             p.add_argument("-n", type=int, help="samples per class")
             p.add_argument("--seed", type=int, help="sampling seed")
         if name == "sample":

@@ -133,6 +133,10 @@ class SampleConfig:
     top_p: float = 1.0  # 1.0 disables nucleus filtering
     min_p: float = 0.0  # keep tokens with probability >= min_p x the top token's (after temperature); 0 disables it
     guidance: float = 1.0  # classifier-free guidance scale: 1 is plain conditional sampling
+    # Draw this many candidates per field kept and keep, per class, those the model itself places most clearly
+    # in their class: log p(w | c) - log p(w | null) (nefgpt.generate.draw_tokens). 1 is off; > 1 needs the null
+    # class (train.p_uncond > 0) and costs that many times the sampling time.
+    oversample: float = 1.0
     batch_size: int = 250
     seed: int = 0
 
@@ -148,6 +152,7 @@ class TuneConfig:
     # Classifier-free guidance scales; values other than 1 need a model trained with train.p_uncond > 0.
     guidances: list[float] = field(default_factory=lambda: [1.0])
     min_ps: list[float] = field(default_factory=lambda: [0.0])  # min-p thresholds; 0 is off
+    oversamples: list[float] = field(default_factory=lambda: [1.0])  # sample.oversample values; 1 is off
     search: str = "grid"  # grid | random
     budget: int = 0  # at most this many settings (random search draws them); 0 = the whole grid
     # Wall-clock budget of the stage in minutes (0 = none): settings are tried in order and no new one starts

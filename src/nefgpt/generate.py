@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm import tqdm
 
 from .errors import UsageError
 from .model import GPT, KVCache
@@ -68,15 +69,18 @@ def condition_tokens(labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
     return torch.where(labels < 0, vocab.sos, vocab.class_token(labels.clamp(min=0)))
 
 
-def check_guidance(guidance: float, trained: dict, where: str) -> None:
-    """Guidance needs a model that learned the null class next to the classes; `trained` is its train config."""
+def check_guidance(guidance: float, trained: dict, where: str, key: str = "guidance") -> None:
+    """Guidance needs a model that learned the null class next to the classes; `trained` is its train config.
+
+    So does the oversample score: ``key = "oversample"`` checks that value by the same rule.
+    """
     if guidance == 1:
         return
     conditioning, p_uncond = trained.get("conditioning", "class"), float(trained.get("p_uncond", 0.0))
     if conditioning != "class" or p_uncond <= 0:
         how = "unconditionally (train.conditioning = none)" if conditioning != "class" else "with train.p_uncond = 0"
-        raise UsageError(f"sample.guidance = {guidance} needs a class-conditional model trained with null-class "
-                         f"dropout (train.p_uncond > 0), but {where} was trained {how}; use guidance 1")
+        raise UsageError(f"sample.{key} = {guidance} needs a class-conditional model trained with null-class "
+                         f"dropout (train.p_uncond > 0), but {where} was trained {how}; use {key} 1")
 
 
 @torch.no_grad()
@@ -89,38 +93,112 @@ def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, t
     each step's logits are ``l_null + g (l_cond - l_null)``, before temperature, top-k, top-p and min-p; both
     halves are then extended with the same sampled token.
     """
+    return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, use_cache, guidance,
+                   min_p, score=False)[0]
+
+
+@torch.no_grad()
+def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float,
+                    top_k: int, top_p: float, generator: torch.Generator, guidance: float = 1.0,
+                    min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """generate's tokens, and each sequence's class score ``log p(w | c) - log p(w | null)`` (B,).
+
+    The score is the model's own implicit classifier: with the null class as the class marginal it is
+    ``log p(c | w) - log p(c)``, so a low score marks a field that fits its class no better than any class.
+    It reads the raw logits (before guidance, temperature and the filters), so every setting scores alike;
+    the null-class half this needs is the one guidance already runs (at guidance 1 it is run for the score).
+    """
+    tokens, score = _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, True,
+                            guidance, min_p, score=True)
+    return tokens, score
+
+
+def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
+            top_p: float, generator: torch.Generator, use_cache: bool, guidance: float, min_p: float,
+            score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     device = next(model.parameters()).device
     b = labels.shape[0]
     cond = condition_tokens(labels, vocab)
     guided = guidance != 1
-    if guided:
+    paired = guided or score  # run the null-class half beside the conditional one
+    if paired:
         cond = torch.cat([cond, torch.full_like(cond, vocab.sos)])
+    total = torch.zeros(b, dtype=torch.float64) if score else None
 
     def mix(logits: torch.Tensor) -> torch.Tensor:
-        if not guided:
+        if not paired:
             return logits
         with_class, null = logits[:b].float(), logits[b:].float()
-        return null + guidance * (with_class - null)
+        return null + guidance * (with_class - null) if guided else with_class
+
+    def add_score(logits: torch.Tensor, nxt: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits.float(), dim=1).gather(1, nxt.to(device)).cpu().double()[:, 0]
+        total.add_(logp[:b] - logp[b:])
 
     seq = torch.stack([torch.full_like(cond, vocab.sos), cond], dim=1).to(device)
     cache = KVCache(model.config, seq.shape[0], device, next(model.parameters()).dtype) if use_cache else None
-    logits = mix(model(seq, cache, 0)[:, -1])
+    raw = model(seq, cache, 0)[:, -1]
     out = torch.empty(seq.shape[0], num_weights, dtype=torch.long, device=device)
     for i in range(num_weights):
-        probs = filter_logits(logits, temperature, top_k, top_p, min_p)
+        probs = filter_logits(mix(raw), temperature, top_k, top_p, min_p)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
-        if guided:
+        if paired:
             nxt = nxt.repeat(2, 1)
+        if score:
+            add_score(raw, nxt)
         out[:, i] = nxt[:, 0]
         if i + 1 == num_weights:
             break
         if use_cache:
-            logits = mix(model(nxt, cache, seq.shape[1] + i)[:, -1])
+            raw = model(nxt, cache, seq.shape[1] + i)[:, -1]
         else:
-            logits = mix(model(torch.cat([seq, out[:, : i + 1]], dim=1))[:, -1])
-    return out[:b]
+            raw = model(torch.cat([seq, out[:, : i + 1]], dim=1))[:, -1]
+    return out[:b], total
 
 
 def trained_config(ckpt: dict) -> dict:
     """The train config a checkpoint was made with; {} for a checkpoint that carries none."""
     return ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
+
+
+def draw_tokens(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, setting: dict,
+                generator: torch.Generator, batch_size: int, progress: bool = False) -> torch.Tensor:
+    """Code tokens (N, num_weights) for labels (N,) at a sampling setting, generated in batches of batch_size.
+
+    ``setting`` has the SAMPLING_KEYS. With ``oversample`` r > 1, each class draws ceil(r k) candidates
+    for its k fields and keeps the k with the highest class score (generate_scored), in the order they were
+    drawn: a rejection step by the model's own implicit classifier, which drops the fields that drifted
+    away from their class while decoding. Labels must then be classes (>= 0): the null class has no score.
+    """
+    over = float(setting.get("oversample", 1.0))
+    if over == 1:
+        cand_labels = labels
+    else:
+        classes, counts = labels.unique(return_counts=True)
+        if int(classes.min()) < 0:
+            raise UsageError("sample.oversample > 1 ranks fields by their class, so it needs class labels, "
+                             "not the null class (an unconditional model samples with oversample = 1)")
+        cand_labels = torch.cat([torch.full((math.ceil(over * int(k)),), int(c), dtype=torch.long)
+                                 for c, k in zip(classes, counts)])
+    tokens, scores = [torch.zeros(0, num_weights, dtype=torch.long)], []
+    for batch in tqdm(cand_labels.split(batch_size), desc="sample", disable=not progress):
+        args = (model, batch, vocab, num_weights, setting["temperature"], setting["top_k"], setting["top_p"],
+                generator)
+        kw = {"guidance": setting["guidance"], "min_p": setting["min_p"]}
+        if over == 1:
+            tokens.append(generate(*args, **kw).cpu())
+        else:
+            t, s = generate_scored(*args, **kw)
+            tokens.append(t.cpu())
+            scores.append(s)
+    tokens = torch.cat(tokens)
+    if over == 1:
+        return tokens
+    scores = torch.cat(scores)
+    out = torch.empty(len(labels), num_weights, dtype=torch.long)
+    for c in classes.tolist():
+        slots = (labels == c).nonzero()[:, 0]
+        cands = (cand_labels == c).nonzero()[:, 0]
+        best = cands[torch.argsort(scores[cands], descending=True, stable=True)[: len(slots)]]
+        out[slots] = tokens[best.sort().values]
+    return out

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .checkpoint import load_checked_model
 from .config import SampleConfig
-from .validation import check_sampling
+from .validation import SAMPLING_KEYS, check_sampling
 from .errors import UsageError
-from .generate import check_guidance, generate, trained_config
+from .generate import check_guidance, draw_tokens, trained_config
 from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples
@@ -94,8 +93,10 @@ def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleC
     nefgpt.api give the same tokens for the same labels, seed and setting. `trained` is the checkpoint's
     train config and `where` names the checkpoint in messages.
     """
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p)
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p,
+                   oversample=cfg.oversample)
     check_guidance(cfg.guidance, trained, where)
+    check_guidance(cfg.oversample, trained, where, key="oversample")
     conditioned = trained.get("conditioning", "class") == "class"
     if labels and not conditioned:
         raise UsageError(f"{where} is an unconditional model (train.conditioning = none): "
@@ -109,18 +110,17 @@ def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleC
     all_labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(cfg.n_per_class)
     conditions = all_labels if conditioned else torch.full_like(all_labels, -1)
     gen = torch.Generator().manual_seed(cfg.seed)
-    chunks = [torch.zeros(0, num_weights, dtype=torch.long)]  # so that no labels give (0, num_weights)
-    for batch in tqdm(conditions.split(cfg.batch_size), desc="sample", disable=not progress):
-        chunks.append(generate(model, batch, vocab, num_weights, cfg.temperature, cfg.top_k, cfg.top_p, gen,
-                               guidance=cfg.guidance, min_p=cfg.min_p).cpu())
-    return torch.cat(chunks), all_labels, conditioned
+    setting = {k: getattr(cfg, k) for k in SAMPLING_KEYS}
+    tokens = draw_tokens(model, conditions, vocab, num_weights, setting, gen, cfg.batch_size, progress)
+    return tokens, all_labels, conditioned
 
 
 def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
     tok = load_tokenizer(run_dir / TOKENIZER_FILE)
     vocab, spec, tok_id = tok.vocab, tok.spec, tok.id
     # Checked before the model loads too (draw checks again), so a bad setting is refused first.
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p)
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p,
+                   oversample=cfg.oversample)
     model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
     t0 = time.perf_counter()
     tokens, all_labels, conditioned = draw(model, vocab, spec.num_params, trained_config(ckpt), cfg, labels,

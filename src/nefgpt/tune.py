@@ -1,4 +1,5 @@
-"""Stage `tune`: search sampling settings (guidance x temperature x top-k x top-p x min-p) on the tuning split.
+"""Stage `tune`: search sampling settings (guidance x temperature x top-k x top-p x min-p x oversample) on the
+tuning split.
 
 Each setting samples the same number of fields per class with the trained GPT,
 renders them, and scores them against the rendered fields of the tuning split
@@ -41,7 +42,7 @@ from .validation import SAMPLING_KEYS, check_tune
 from .errors import ArtifactError
 from .figures import save_tune_heatmap
 from .fields_io import load_nefs
-from .generate import check_guidance, generate, trained_config
+from .generate import check_guidance, draw_tokens, trained_config
 from .layout import CKPT_FILE, SPLIT_FILE, TOKENIZER_FILE, TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
 from .split import balanced_indices, load_split_images
 from .codebook import load_tokenizer
@@ -52,15 +53,17 @@ BATCH_SIZE = 250
 
 
 def load_best_setting(run_dir: Path) -> dict:
-    """The chosen {temperature, top_k, top_p, min_p, guidance} of a run's tune.json.
+    """The chosen {temperature, top_k, top_p, min_p, guidance, oversample} of a run's tune.json.
 
-    tune.json files written before guidance or min-p were tuned mean guidance 1 and min-p 0 (off).
+    tune.json files written before guidance, min-p or oversampling were tuned mean guidance 1, min-p 0 and
+    oversample 1 (off).
     """
     path = run_dir / TUNE_FILE
     try:
         best = load_json(path)["best"]
         return {"temperature": float(best["temperature"]), "top_k": int(best["top_k"]), "top_p": float(best["top_p"]),
-                "min_p": float(best.get("min_p", 0.0)), "guidance": float(best.get("guidance", 1.0))}
+                "min_p": float(best.get("min_p", 0.0)), "guidance": float(best.get("guidance", 1.0)),
+                "oversample": float(best.get("oversample", 1.0))}
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"{path}: no valid 'best' sampling setting; rerun `nefgpt tune --force`") from None
 
@@ -84,9 +87,10 @@ def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     """The settings to try, in the order they are tried; all are checked (check_tune) before any sampling starts."""
     check_tune(cfg, num_codes)
     grid = []
-    for g, t, k, p, m in itertools.product(cfg.guidances, cfg.temperatures, cfg.top_ks, cfg.top_ps, cfg.min_ps):
+    for g, t, k, p, m, r in itertools.product(cfg.guidances, cfg.temperatures, cfg.top_ks, cfg.top_ps, cfg.min_ps,
+                                              cfg.oversamples):
         setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p), "min_p": float(m),
-                   "guidance": float(g)}
+                   "guidance": float(g), "oversample": float(r)}
         if setting not in grid:
             grid.append(setting)
     if cfg.search == "random":
@@ -134,12 +138,13 @@ def format_table(rows: list[dict], best: int, objective: str) -> str:
         return "–" if value is None or not math.isfinite(value) else format(value, spec)
 
     # min-p, diversity and guidance are read with defaults: tune.json files written before they were tuned lack them.
-    lines = [f"| guidance | T | top-k | top-p | min-p | accuracy | CE | MMD | COV | 1-NNA | diversity | {objective} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| guidance | T | top-k | top-p | min-p | oversample | accuracy | CE | MMD | COV | 1-NNA | diversity "
+             f"| {objective} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         cells = [f"{r.get('guidance', 1.0):g}", f"{r['temperature']:g}", fmt_k(r["top_k"]),
                  f"{r['top_p']:g}" if r["top_p"] < 1 else "–",
                  f"{r.get('min_p', 0.0):g}" if r.get("min_p", 0.0) > 0 else "–",
+                 f"{r.get('oversample', 1.0):g}" if r.get("oversample", 1.0) > 1 else "–",
                  f"{r['accuracy']:.1%}", f"{r['cross_entropy']:.3f}", f"{r['mmd']:.4f}", f"{r['cov']:.1%}",
                  f"{r['1nna']:.1%}", fmt(r.get("diversity_ratio"), ".3f"), fmt(r.get("objective"), ".4f")]
         if i == best:
@@ -168,8 +173,9 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     vocab, spec, tok_id = tok.vocab, tok.spec, tok.id
     model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
     settings = candidate_settings(tc, vocab.num_codes)
-    for g in {s["guidance"] for s in settings}:
-        check_guidance(g, trained_config(ckpt), str(run_dir / CKPT_FILE))
+    for key in ("guidance", "oversample"):
+        for value in {s[key] for s in settings}:
+            check_guidance(value, trained_config(ckpt), str(run_dir / CKPT_FILE), key=key)
     split, images, labels = load_split_images(run_dir)
     if images.shape[-1] != 28:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: tuning expects 28x28 images, the dataset has "
@@ -199,11 +205,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
             break
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(tc.seed)
-        tokens = torch.cat([
-            generate(model, batch, vocab, spec.num_params, setting["temperature"], setting["top_k"], setting["top_p"],
-                     gen, guidance=setting["guidance"], min_p=setting["min_p"]).cpu()
-            for batch in gen_labels.split(BATCH_SIZE)
-        ])
+        tokens = draw_tokens(model, gen_labels, vocab, spec.num_params, setting, gen, BATCH_SIZE)
         images_gen = field.render(spec, tok.decode(tokens), 28)
         scores = score_images(clf, images_gen, gen_labels)
         row = {**setting, **metrics.set_metrics(images_gen, ref), "accuracy": scores["accuracy"],

@@ -45,7 +45,7 @@ _POSITIVE = {
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
-                   min_p: float = 0.0, prefix: str = "", num_codes_name: str = "") -> None:
+                   min_p: float = 0.0, prefix: str = "", num_codes_name: str = "", oversample: float = 1.0) -> None:
     """The one check of the sampling values (config validation, `sample`, `tune` and the API all call it).
 
     ``prefix`` names their section in the messages ("sample."); ``num_codes_name`` names top-k's bound.
@@ -61,9 +61,14 @@ def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int,
         raise UsageError(f"{prefix}min_p must be in [0, 1) (0 is off), got {min_p}")
     if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
         raise UsageError(f"{prefix}guidance must be a finite number >= 0, got {guidance}")
+    if not (isinstance(oversample, (int, float)) and 1 <= oversample <= MAX_OVERSAMPLE):  # also refuses NaN
+        raise UsageError(f"{prefix}oversample must be in [1, {MAX_OVERSAMPLE}] (1 is off), got {oversample}")
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance")
+MAX_OVERSAMPLE = 100  # candidates per field kept: beyond this the sampling time, not the choice, is the problem
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample")
 
 
 def check_choice(dotted: str, value: Any, choices: Any) -> None:
@@ -99,12 +104,12 @@ def check_vocab_size(num_codes: int, num_classes: int) -> None:
 
 
 _TUNE_LISTS = {"temperatures": "temperature", "top_ks": "top_k", "top_ps": "top_p", "min_ps": "min_p",
-               "guidances": "guidance"}
+               "guidances": "guidance", "oversamples": "oversample"}
 
 
 def check_tune(cfg: TuneConfig, num_codes: int) -> None:
     """The one check of the [tune] settings: config validation and candidate_settings both call it."""
-    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0}
+    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0}
     for name, key in _TUNE_LISTS.items():
         if not getattr(cfg, name):
             raise UsageError(f"tune.{name} must list at least one value")
@@ -149,7 +154,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     # config.json is saved and before `sample` clears its old outputs (`sample` and `tune` call the same check).
     s = cfg.sample
     check_sampling(s.temperature, s.top_k, s.top_p, cfg.tokenize.num_codes, s.guidance, s.min_p,
-                   prefix="sample.", num_codes_name="tokenize.num_codes")
+                   prefix="sample.", num_codes_name="tokenize.num_codes", oversample=s.oversample)
     unknown = [k for k in s.explicit if k not in SAMPLING_KEYS]
     if unknown:
         raise UsageError(f"sample.explicit lists {', '.join(unknown)}: not a sampling key ({', '.join(SAMPLING_KEYS)})")
@@ -163,7 +168,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError(f"train.dropout must be in [0, 1), got {t.dropout}")
     # Guidance mixes class and null-class predictions: only a model that learned both can give them
     # (generate.check_guidance checks the checkpoint's own config: a different rule, on the trained model).
-    if s.guidance != 1 and t.model == "gpt" and (t.conditioning != "class" or t.p_uncond == 0):
-        raise UsageError(f"sample.guidance = {s.guidance} needs train.conditioning = class and train.p_uncond > 0 "
-                         f"(null-class dropout), got conditioning = {t.conditioning}, p_uncond = {t.p_uncond}")
+    # The oversample score compares the class with the null class too.
+    for key in ("guidance", "oversample"):
+        value = getattr(s, key)
+        if value != 1 and t.model == "gpt" and (t.conditioning != "class" or t.p_uncond == 0):
+            raise UsageError(f"sample.{key} = {value} needs train.conditioning = class and train.p_uncond > 0 "
+                             f"(null-class dropout), got conditioning = {t.conditioning}, p_uncond = {t.p_uncond}")
     return cfg
