@@ -69,17 +69,17 @@ def condition_tokens(labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
     return torch.where(labels < 0, vocab.sos, vocab.class_token(labels.clamp(min=0)))
 
 
-def check_guidance(guidance: float, trained: dict, where: str, key: str = "guidance") -> None:
+def check_guidance(value: float, trained: dict, where: str, key: str = "guidance") -> None:
     """Guidance needs a model that learned the null class next to the classes; `trained` is its train config.
 
     So does the oversample score: ``key = "oversample"`` checks that value by the same rule.
     """
-    if guidance == 1:
+    if value == 1:
         return
     conditioning, p_uncond = trained.get("conditioning", "class"), float(trained.get("p_uncond", 0.0))
     if conditioning != "class" or p_uncond <= 0:
         how = "unconditionally (train.conditioning = none)" if conditioning != "class" else "with train.p_uncond = 0"
-        raise UsageError(f"sample.{key} = {guidance} needs a class-conditional model trained with null-class "
+        raise UsageError(f"sample.{key} = {value} needs a class-conditional model trained with null-class "
                          f"dropout (train.p_uncond > 0), but {where} was trained {how}; use {key} 1")
 
 
@@ -108,9 +108,8 @@ def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights:
     It reads the raw logits (before guidance, temperature and the filters), so every setting scores alike;
     the null-class half this needs is the one guidance already runs (at guidance 1 it is run for the score).
     """
-    tokens, score = _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, True,
-                            guidance, min_p, score=True)
-    return tokens, score
+    return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, True, guidance, min_p,
+                   score=True)
 
 
 def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
@@ -132,7 +131,7 @@ def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, te
         return null + guidance * (with_class - null) if guided else with_class
 
     def add_score(logits: torch.Tensor, nxt: torch.Tensor) -> None:
-        logp = torch.log_softmax(logits.float(), dim=1).gather(1, nxt.to(device)).cpu().double()[:, 0]
+        logp = torch.log_softmax(logits.float(), dim=1).gather(1, nxt).cpu().double()[:, 0]
         total.add_(logp[:b] - logp[b:])
 
     seq = torch.stack([torch.full_like(cond, vocab.sos), cond], dim=1).to(device)

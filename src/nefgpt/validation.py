@@ -44,6 +44,9 @@ _POSITIVE = {
 }
 
 
+MAX_OVERSAMPLE = 100  # candidates per field kept: beyond this the sampling time, not the choice, is the problem
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
                    min_p: float = 0.0, prefix: str = "", num_codes_name: str = "", oversample: float = 1.0) -> None:
     """The one check of the sampling values (config validation, `sample`, `tune` and the API all call it).
@@ -63,9 +66,6 @@ def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int,
         raise UsageError(f"{prefix}guidance must be a finite number >= 0, got {guidance}")
     if not (isinstance(oversample, (int, float)) and 1 <= oversample <= MAX_OVERSAMPLE):  # also refuses NaN
         raise UsageError(f"{prefix}oversample must be in [1, {MAX_OVERSAMPLE}] (1 is off), got {oversample}")
-
-
-MAX_OVERSAMPLE = 100  # candidates per field kept: beyond this the sampling time, not the choice, is the problem
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample")
