@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from nefgpt import field, fields_io, fit, layout
 from nefgpt.artifacts import load_tensors
-from nefgpt.config import DataConfig, FitConfig
+from nefgpt.config import DataConfig, FitConfig, RunConfig
 from nefgpt.errors import ArtifactError
 from nefgpt.field import FieldSpec
 from nefgpt.split import load_split_images
+from nefgpt.stages import stage_fingerprint
 
 SPEC = FieldSpec()
 
@@ -58,6 +59,17 @@ def test_fit_batch_lowers_loss_and_raises_psnr():
 def test_fit_batch_with_zero_steps_returns_the_init():
     start = init(2)
     assert torch.equal(fit.fit_batch(SPEC, start, blobs(2), steps=0, lr=1e-2), start)
+
+
+def test_init_l2_pulls_each_field_toward_its_init_and_zero_is_the_plain_fit():
+    images = blobs(3, seed=2)
+    start = init(3, seed=2)
+    plain = fit.fit_batch(SPEC, start, images, steps=40, lr=1e-2)
+    assert torch.equal(fit.fit_batch(SPEC, start, images, steps=40, lr=1e-2, init_l2=0.0), plain)
+    pulled = fit.fit_batch(SPEC, start, images, steps=40, lr=1e-2, init_l2=1e-2)
+    assert ((pulled - start).norm(dim=1) < 0.8 * (plain - start).norm(dim=1)).all()
+    # The pull is a penalty on the loss, not a clamp: the fields still fit their images.
+    assert (bce(pulled, images) < bce(start, images) - 0.05).all()
 
 
 def test_batched_fit_equals_fitting_each_field_alone():
@@ -230,3 +242,13 @@ def test_fit_resumes_from_a_kept_chunk_file(tiny_npz, tmp_path):
     got = load_tensors(second / layout.NEFS_FILE)[0]["weights"]
     assert torch.equal(got[:30], marker)
     assert torch.equal(got[30:], weights[30:])
+
+
+def test_a_run_made_before_init_l2_existed_stays_fresh():
+    # The fit fingerprint that a run with the default settings recorded in stages.json before fit.init_l2
+    # existed: at 0 the new setting is left out, so such a run directory is not refitted.
+    before = "3c1b132f2cf8c549"
+    assert stage_fingerprint(RunConfig(), "fit") == before
+    pulled = RunConfig()
+    pulled.fit.init_l2 = 1e-3
+    assert stage_fingerprint(pulled, "fit") != before

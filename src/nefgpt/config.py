@@ -47,6 +47,7 @@ class FitConfig:
     init: str = "shared"  # shared: start every field from one fitted anchor field; random: fresh init each
     steps: int = 200
     lr: float = 3e-2
+    init_l2: float = 0.0  # L2 pull of each field toward its init (the anchor): weights the image ignores stay put
     anchor_steps: int = 3000
     anchor_lr: float = 3e-3
     batch_size: int = 64  # fields fitted together; small batches stay in cache and run faster

@@ -37,17 +37,26 @@ from .weight_stats import init_stats
 
 
 def fit_batch(
-    spec: FieldSpec, init: torch.Tensor, images: torch.Tensor, steps: int, lr: float
+    spec: FieldSpec, init: torch.Tensor, images: torch.Tensor, steps: int, lr: float, init_l2: float = 0.0
 ) -> torch.Tensor:
-    """Fit fields (B, P) starting at `init` to images (B, H, W) with Adam and a cosine schedule."""
+    """Fit fields (B, P) starting at `init` to images (B, H, W) with Adam and a cosine schedule.
+
+    `init_l2` (fit.init_l2) adds init_l2 * ||w - init||^2 to each field's loss. Adam scales each coordinate's
+    step by its own gradient history, so the pull wins where the image barely depends on a weight: those
+    weights stay at the shared anchor instead of drifting along the fit's path, which leaves the GPT fewer
+    arbitrary values to model (docs/results.md, "Fields pulled toward the anchor").
+    """
     features = field.encode(field.pixel_coords(images.shape[-1]), spec.octaves)
     target = images.reshape(images.shape[0], -1)
+    start = init.detach()
     weights = init.clone().requires_grad_(True)
     opt = torch.optim.Adam([weights], lr=lr)
     for step in range(steps):
         opt.param_groups[0]["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         logits = field.forward(spec, weights, features)
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1).sum()
+        if init_l2:
+            loss = loss + init_l2 * (weights - start).square().sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -99,7 +108,7 @@ def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool 
         stop = min(start + cfg.chunk_size, n)
         init = chunk_inits(spec, cfg, anchor, start, stop - start)
         weights = torch.cat([
-            fit_batch(spec, i, x, cfg.steps, cfg.lr)
+            fit_batch(spec, i, x, cfg.steps, cfg.lr, cfg.init_l2)
             for i, x in zip(init.split(cfg.batch_size), images[start:stop].split(cfg.batch_size))
         ])
         save_tensors(path, {"weights": weights}, {"field": spec.to_meta()})

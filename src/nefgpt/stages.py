@@ -103,6 +103,9 @@ RUN_HELP = "all stages in order, then the HTML report"
 
 # Settings read only when sampling, though they live in a model's section.
 SAMPLING_ONLY = {("regression", "noise"), ("diffusion", "sample_steps"), ("diffusion", "eta"), ("diffusion", "clip_x0")}
+# Settings added after runs existed, with the value that does what those runs did: left out of the fingerprint
+# at that value, so a run directory made before the setting existed stays fresh.
+ADDED_LATER = {("fit", "init_l2"): 0.0}
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:
@@ -112,6 +115,9 @@ def stage_fingerprint(cfg: RunConfig, stage: str) -> str:
             sections[f"{section}.{key}"] = getattr(getattr(cfg, section), key)
         elif section in sections:
             sections[section].pop(key, None)
+    for (section, key), neutral in ADDED_LATER.items():
+        if section in sections and sections[section].get(key) == neutral:
+            sections[section].pop(key)
     blob = json.dumps(sections, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

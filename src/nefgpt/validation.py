@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 _NON_NEGATIVE = {
     "data": ("subset_per_class", "tune_per_class"),
-    "fit": ("steps", "anchor_steps"),
+    "fit": ("steps", "anchor_steps", "init_l2"),
     "tokenize": ("max_iters",),
     "train": ("max_iters", "warmup_iters", "head_dim", "max_minutes", "pos_bias_decay", "hl_sigma",
               "pos_bias_lr_mult"),
