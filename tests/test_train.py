@@ -464,6 +464,30 @@ def test_hl_sigma_trains_but_the_evaluated_loss_stays_plain_cross_entropy():
     assert evaluated == pytest.approx(float(plain), rel=1e-5)
 
 
+def test_first_layer_weight_is_a_weighted_mean_of_the_per_token_cross_entropy():
+    assert train.first_layer_weights(SPEC.num_params, 6, 1.0) is None  # 1: the plain loss, unchanged
+    w = train.first_layer_weights(SPEC.num_params, 6, 3.0)
+    assert w.tolist() == [3.0] * 6 + [1.0] * (SPEC.num_params - 6)
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    seq = train.build_sequences(torch.randint(0, VOCAB.num_codes, (4, SPEC.num_params), generator=g),
+                                torch.arange(4), VOCAB)
+    with torch.no_grad():
+        logits = model(seq[:, :-1])[:, 1:]
+        per_token = F.cross_entropy(logits.reshape(-1, VOCAB.num_codes), seq[:, 2:].reshape(-1),
+                                    reduction="none").view(4, SPEC.num_params)
+        weighted = train.sequence_loss(model, seq, 0.0, w)
+        torch.testing.assert_close(weighted, (per_token * w).sum() / (4 * w.sum()))
+        torch.testing.assert_close(train.sequence_loss(model, seq, 0.0, torch.ones(SPEC.num_params)),
+                                   train.sequence_loss(model, seq))
+        # With HL-Gauss targets the same weights apply to each token's smoothed loss.
+        smooth = train.hl_gauss_loss(logits.reshape(-1, VOCAB.num_codes), seq[:, 2:].reshape(-1), 1.0,
+                                     reduction="none").view(4, SPEC.num_params)
+        torch.testing.assert_close(train.sequence_loss(model, seq, 1.0, w), (smooth * w).sum() / (4 * w.sum()))
+    with pytest.raises(UsageError, match="train.first_layer_weight"):
+        apply_overrides(RunConfig(), ["train.first_layer_weight=0"])
+
+
 def test_model_config_carries_the_levers():
     plain = train.model_config(cfg(), VOCAB, SPEC.num_params, SPEC)
     assert plain == train.model_config(cfg(), VOCAB, SPEC.num_params)  # no spec needed without struct_pos

@@ -99,6 +99,8 @@ class TrainConfig:
     # HL-Gauss training targets: a Gaussian of this width, in code indices, around the target code; 0 = one-hot.
     # Held-out and final losses (val_loss, train_loss) stay the plain cross-entropy; the per-step log has this one.
     hl_sigma: float = 0.0
+    # The training loss counts each token of the field's first layer (W1, b1) this many times; 1 = the plain mean.
+    first_layer_weight: float = 1.0
     struct_pos: bool = False  # add embeddings of each weight's layer, output neuron, input neuron and kind
     batch_size: int = 32
     max_iters: int = 2000

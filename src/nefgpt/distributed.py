@@ -83,6 +83,7 @@ class TrainOrder:
     null: int  # the null-class token
     start: int  # the iteration to start from
     elapsed_before: float = 0.0  # training time of earlier runs (a resume continues the same budget)
+    first_layer: int = 0  # weight positions of the field's first layer (train.first_layer_weight)
 
 
 STOP = "stop"  # the other order: exit

@@ -47,25 +47,47 @@ def build_sequences(tokens: torch.Tensor, labels: torch.Tensor, vocab: Vocab) ->
     return torch.cat([sos, cls, tokens.long()], dim=1)
 
 
-def sequence_loss(model: GPT, seq: torch.Tensor, hl_sigma: float = 0.0) -> torch.Tensor:
+def sequence_loss(model: GPT, seq: torch.Tensor, hl_sigma: float = 0.0,
+                  position_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over the weight tokens only (the SOS and class inputs are given).
 
     `hl_sigma` > 0 (train.hl_sigma, training only) scores against HL-Gauss targets, see `hl_gauss_loss`.
+    `position_weight` (P,), training only: each weight position's share of the loss, a weighted mean.
     """
     logits = model(seq[:, :-1])[:, 1:]  # the prediction made at the class token is w1
     targets = seq[:, 2:]
-    return hl_gauss_loss(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), hl_sigma)
+    flat_logits, flat_targets = logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if position_weight is None:
+        return hl_gauss_loss(flat_logits, flat_targets, hl_sigma)
+    per_token = hl_gauss_loss(flat_logits, flat_targets, hl_sigma, reduction="none").view(targets.shape)
+    w = position_weight.to(per_token.device)
+    return (per_token * w).sum(1).mean() / w.sum()
 
 
-def hl_gauss_loss(logits: torch.Tensor, targets: torch.Tensor, sigma: float) -> torch.Tensor:
+def first_layer_weights(num_params: int, first_layer: int, weight: float) -> torch.Tensor | None:
+    """train.first_layer_weight: the loss weight of each position, `weight` on the first layer's tokens, else 1.
+
+    Per-layer temperature showed that the first layer's weights decide whether a field is readable
+    (docs/results.md); this spends more of the gradient on them. None when the weight is 1 (the plain loss).
+    """
+    if weight == 1.0:
+        return None
+    w = torch.ones(num_params)
+    w[:first_layer] = weight
+    return w
+
+
+def hl_gauss_loss(logits: torch.Tensor, targets: torch.Tensor, sigma: float, reduction: str = "mean") -> torch.Tensor:
     """Mean cross-entropy of logits (N, K) against HL-Gauss targets (Farebrother et al. 2024); sigma 0 is one-hot.
+
+    ``reduction = "none"`` gives each row's loss (N,) instead of their mean.
 
     The codebook is sorted, so code indices order the values. The target of code y puts on each code j the
     mass of N(y, sigma^2) over its bin [j - 1/2, j + 1/2], kept within ceil(4 sigma) codes of y and inside the
     codebook, renormalized. Only that band of log-probabilities is gathered: no (N, K) target matrix.
     """
     if sigma == 0:
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, targets, reduction=reduction)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"hl_sigma must be a finite number >= 0, got {sigma}")
     k = logits.shape[-1]
@@ -78,7 +100,8 @@ def hl_gauss_loss(logits: torch.Tensor, targets: torch.Tensor, sigma: float) -> 
     weight = mass * inside
     weight = weight / weight.sum(dim=1, keepdim=True)
     logp = logits.log_softmax(dim=-1).gather(1, codes.clamp(0, k - 1))
-    return -(weight * logp).sum(dim=1).mean()
+    per_row = -(weight * logp).sum(dim=1)
+    return per_row if reduction == "none" else per_row.mean()
 
 
 def model_config(cfg: TrainConfig, vocab: Vocab, num_params: int, spec: FieldSpec | None = None) -> GPTConfig:
@@ -134,12 +157,15 @@ class GPTTask(Task):
 
     def __init__(self, model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfig, train_seqs: torch.Tensor,
                  null: int, device: torch.device, amp: torch.dtype | None, group: distributed.Group | None = None,
-                 val_seqs: torch.Tensor | None = None, extra: dict | None = None, ema: EMA | None = None) -> None:
+                 val_seqs: torch.Tensor | None = None, extra: dict | None = None, ema: EMA | None = None,
+                 first_layer: int = 0) -> None:
         self.model, self.optimizer, self.model_args = model, optimizer, model.config.to_dict()
         self.cfg, self.train_seqs, self.val_seqs, self.null = cfg, train_seqs, val_seqs, null
         self.device, self.amp, self.group, self.extra, self.ema = device, amp, group, extra or {}, ema
         self.net: torch.nn.Module = model  # the DDP wrapper under torchrun (train_steps sets it)
         self.averaged: GPT | None = None  # one copy of the model that holds the average, made on first use
+        # The first `first_layer` weight positions are the field's first layer (train.first_layer_weight).
+        self.position_weight = first_layer_weights(model.config.block_size - 2, first_layer, cfg.first_layer_weight)
         # Looked up now, not at import, so a test may replace sequence_loss.
         self.step_fn = torch.compile(sequence_loss) if cfg.compile else sequence_loss
 
@@ -147,7 +173,7 @@ class GPTTask(Task):
         return training_batch(self.train_seqs, self.cfg, it, self.null, self.group).to(self.device)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.step_fn(self.net, batch, self.cfg.hl_sigma)
+        return self.step_fn(self.net, batch, self.cfg.hl_sigma, self.position_weight)
 
     def after_step(self) -> None:
         if self.ema:
@@ -219,8 +245,9 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.pos_bias_decay,
                                           cfg.pos_bias_lr_mult)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    first_layer = spec.layer_shapes[0][0] * spec.layer_shapes[0][1] + spec.layer_shapes[0][0]  # W1 and b1
     task = GPTTask(model, optimizer, cfg, train_seqs, vocab.sos, device, amp, group, val_seqs,
-                   {"tokenizer_id": tok_id}, ema)
+                   {"tokenizer_id": tok_id}, ema, first_layer)
     trainer = Trainer(task, cfg, device, amp, run_dir=run_dir, group=group, progress=progress, desc="train",
                       tokens_per_iter=cfg.batch_size * (seqs.shape[1] - 1))
     ckpt_path = run_dir / CKPT_FILE
@@ -239,7 +266,7 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
         group.start_training(distributed.TrainOrder(
             cfg=cfg, model_args=model_args.to_dict(), model=distributed.cpu_state(model.state_dict()),
             optimizer=distributed.cpu_state(optimizer.state_dict()), train_seqs=train_seqs.to(torch.int16),
-            null=vocab.sos, start=trainer.start, elapsed_before=trainer.elapsed_before))
+            null=vocab.sos, start=trainer.start, elapsed_before=trainer.elapsed_before, first_layer=first_layer))
 
     with trainer.bookkeeping():
         train_steps(model, optimizer, trainer)
@@ -275,7 +302,8 @@ def follow_train(order: distributed.TrainOrder, group: distributed.Group) -> boo
                                           cfg.pos_bias_lr_mult)
     optimizer.load_state_dict(order.optimizer)
     amp = autocast_dtype(cfg.dtype, device)
-    task = GPTTask(model, optimizer, cfg, order.train_seqs.long(), order.null, device, amp, group)
+    task = GPTTask(model, optimizer, cfg, order.train_seqs.long(), order.null, device, amp, group,
+                   first_layer=order.first_layer)
     trainer = Trainer(task, cfg, device, amp, group=group, start=order.start, elapsed_before=order.elapsed_before)
     try:
         train_steps(model, optimizer, trainer)
