@@ -46,8 +46,13 @@ class FieldSpec:
         return [(sizes[i + 1], sizes[i]) for i in range(len(sizes) - 1)]
 
     @property
+    def layer_params(self) -> list[int]:
+        """Parameters of each linear layer (its weight, then its bias), in flatten order."""
+        return [o * i + o for o, i in self.layer_shapes]
+
+    @property
     def num_params(self) -> int:
-        return sum(o * i + o for o, i in self.layer_shapes)
+        return sum(self.layer_params)
 
     def to_meta(self) -> dict[str, Any]:
         return {"octaves": self.octaves, "hidden": list(self.hidden), "num_params": self.num_params}

@@ -245,7 +245,7 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.pos_bias_decay,
                                           cfg.pos_bias_lr_mult)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    first_layer = spec.layer_shapes[0][0] * spec.layer_shapes[0][1] + spec.layer_shapes[0][0]  # W1 and b1
+    first_layer = spec.layer_params[0]  # W1 and b1
     task = GPTTask(model, optimizer, cfg, train_seqs, vocab.sos, device, amp, group, val_seqs,
                    {"tokenizer_id": tok_id}, ema, first_layer)
     trainer = Trainer(task, cfg, device, amp, run_dir=run_dir, group=group, progress=progress, desc="train",
