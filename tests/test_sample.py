@@ -296,6 +296,22 @@ def test_generate_is_seeded(model):
     assert torch.equal(gen(model, [0, 1], seed=1, temperature=0.0), gen(model, [0, 1], seed=2, temperature=0.0))
 
 
+def test_generate_completes_a_given_prefix(model):
+    labels = [0, 1, 2, 2]
+    for kw in (dict(temperature=0.0), dict(temperature=0.0, guidance=2.0)):
+        greedy = gen(model, labels, seed=0, **kw)
+        for m in (1, 7, NUM_WEIGHTS - 1, NUM_WEIGHTS):
+            # Greedy decoding from its own first m tokens continues exactly as it did.
+            assert torch.equal(gen(model, labels, seed=0, prefix=greedy[:, :m], **kw), greedy), (kw, m)
+    other = torch.randint(0, VOCAB.num_codes, (4, 5), generator=torch.Generator().manual_seed(1))
+    for cache in (True, False):
+        out = gen(model, labels, seed=3, use_cache=cache, prefix=other, guidance=1.5)
+        assert torch.equal(out[:, :5], other)  # the given tokens are kept
+        assert torch.equal(out, gen(model, labels, seed=3, use_cache=not cache, prefix=other, guidance=1.5))
+    with pytest.raises(ValueError, match="prefix must be"):
+        gen(model, labels, seed=0, prefix=other[:3])
+
+
 def test_generate_is_class_conditioned(model):
     greedy = gen(model, [0, 1, 2], seed=0, temperature=0.0)
     assert len({tuple(r) for r in greedy.tolist()}) > 1

@@ -220,7 +220,10 @@ def test_run_tokenize_on_a_fitted_run(tiny_npz, tmp_path):
     assert torch.equal(codebook, expected)
 
 
-# Offsets from the shared anchor (tokenize.offsets): none | raw | position | layer.
+# Offsets from the shared anchor (tokenize.offsets): none | raw | position | layer, and the principal components
+# of the training fields (pca).
+
+WEIGHT_MODES = tuple(m for m in codebook_io.OFFSET_MODES if m != "pca")  # modes whose positions are weights
 
 def anchored_fields(n: int = 120, spec: FieldSpec = FieldSpec(), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """An anchor and n fields around it whose offsets have a different spread at every position."""
@@ -239,7 +242,7 @@ def offset_tokenizer(mode: str, num_codes: int = 48) -> tuple[codebook_io.Tokeni
     return tok, anchor, weights
 
 
-@pytest.mark.parametrize("mode", codebook_io.OFFSET_MODES)
+@pytest.mark.parametrize("mode", WEIGHT_MODES)
 def test_round_trip_error_is_at_most_half_a_code_gap_times_the_scale(mode):
     tok, _, weights = offset_tokenizer(mode)
     assert tok.offsets == mode
@@ -259,7 +262,7 @@ def test_round_trip_error_is_at_most_half_a_code_gap_times_the_scale(mode):
     assert torch.allclose(err[outside], beyond[outside], rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", codebook_io.OFFSET_MODES)
+@pytest.mark.parametrize("mode", WEIGHT_MODES)  # pca: a rotation in float32, see the pca tests
 def test_decode_inverts_encode_on_the_codebook_values(mode):
     tok, _, _ = offset_tokenizer(mode)
     k, p = tok.vocab.num_codes, tok.spec.num_params
@@ -269,6 +272,55 @@ def test_decode_inverts_encode_on_the_codebook_values(mode):
     assert torch.equal(tok.decode(tok.encode(decoded)), decoded)
     assert torch.equal(tok.decode(tokens.to(torch.int16)), decoded)  # as tokens are stored
     assert torch.equal(tok.encode(decoded), tokens)  # the learned codes are distinct, so even the tokens return
+
+
+def test_pca_round_trip_error_is_the_whitened_quantization_error_rotated_back():
+    tok, _, weights = offset_tokenizer("pca")
+    values = tok.values(weights).double()
+    quantized = tok.codebook[tok.encode(weights)].double()
+    recon = tok.decode(tok.encode(weights)).double()
+    cb = tok.codebook
+    inside = (values >= cb[0]) & (values <= cb[-1])
+    half_gap = float((cb[1:] - cb[:-1]).max()) / 2
+    assert bool(((values - quantized).abs()[inside] <= half_gap * (1 + 1e-4) + 1e-6).all())
+    # The basis is orthonormal, so the error in weight space has the norm of the scaled error in component space.
+    expected = ((quantized - values) * tok.scale.double()).norm(dim=1)
+    assert torch.allclose((recon - weights.double()).norm(dim=1), expected, rtol=1e-3, atol=1e-5)
+    # Decoding any tokens and projecting back gives their code values, up to float32 rounding.
+    tokens = (torch.arange(48)[:, None] + torch.arange(561)[None, :]) % 48
+    assert torch.allclose(tok.values(tok.decode(tokens)), cb[tokens], atol=1e-2)
+
+
+def test_pca_frame_whitens_and_orders_the_training_fields():
+    tok, _, weights = offset_tokenizer("pca")
+    train = weights[:100].double()
+    assert torch.allclose(tok.reference.double(), train.mean(0), atol=1e-6)
+    basis = tok.basis.double()
+    assert torch.allclose(basis.T @ basis, torch.eye(561, dtype=torch.float64), atol=1e-4)
+    assert bool((tok.scale[1:] <= tok.scale[:-1] * (1 + 1e-6)).all())  # largest variance first
+    peak = basis.abs().argmax(0)
+    assert bool((basis[peak, torch.arange(561)] > 0).all())  # the sign convention
+    # 100 fields span at most 99 directions: those come out with unit variance and uncorrelated.
+    z = tok.values(weights[:100]).double()[:, :99]
+    cov = z.T @ z / 100
+    assert torch.allclose(cov, torch.eye(99, dtype=torch.float64), atol=2e-3)
+    # The remaining directions have no variance and are clamped to the scale floor.
+    floor = tokenizer.SCALE_FLOOR * float((train - train.mean(0)).std(correction=0))
+    assert torch.allclose(tok.scale[99:].double(), torch.full((462,), floor, dtype=torch.float64), rtol=1e-5)
+
+
+def test_pca_needs_no_anchor_and_no_weight_positions():
+    from nefgpt.config import apply_overrides, RunConfig
+    from nefgpt.errors import UsageError
+
+    _, weights = anchored_fields()
+    tok, _ = tokenizer.learn_tokenizer(weights, FieldSpec(), TokenizerConfig(num_codes=48, max_iters=5, offsets="pca"),
+                                       10, anchor=None)
+    assert tok.offsets == "pca" and tok.basis.shape == (561, 561)
+    assert apply_overrides(RunConfig(), ["fit.init=random", "tokenize.offsets=pca"]).tokenize.offsets == "pca"
+    for lever in ("train.struct_pos=true", "train.first_layer_weight=3"):
+        with pytest.raises(UsageError, match="tokenize.offsets = pca makes each position a principal component"):
+            apply_overrides(RunConfig(), ["tokenize.offsets=pca", lever])
 
 
 def test_none_mode_gives_todays_tokens_and_id():
@@ -317,18 +369,24 @@ def test_offset_references_and_scales():
 
 def test_offsets_change_the_id_and_round_trip_through_the_file(tmp_path):
     toks = {mode: offset_tokenizer(mode)[0] for mode in codebook_io.OFFSET_MODES}
-    assert len({t.id for t in toks.values()}) == 4
+    assert len({t.id for t in toks.values()}) == len(codebook_io.OFFSET_MODES)
     for mode, tok in toks.items():
         path = tmp_path / f"{mode}.safetensors"
         codebook_io.save_tokenizer(path, tok)
         back = codebook_io.load_tokenizer(path)
         assert back.offsets == mode and back.id == tok.id and torch.equal(back.codebook, tok.codebook)
-        for name in ("reference", "scale"):
+        for name in ("reference", "scale", "basis"):
             a, b = getattr(tok, name), getattr(back, name)
-            assert (a is None and b is None) if mode == "none" else torch.equal(a, b)
+            assert (a is None and b is None) if a is None else torch.equal(a, b)
         tensors, meta = load_tensors(path)
         assert meta["offsets"] == mode and meta["tokenizer_id"] == tok.id
-        assert set(tensors) == ({"codebook"} if mode == "none" else {"codebook", "reference", "scale"})
+        expected = {"none": {"codebook"}, "pca": {"codebook", "reference", "scale", "basis"}}
+        assert set(tensors) == expected.get(mode, {"codebook", "reference", "scale"})
+    pca = toks["pca"]
+    turned = codebook_io.Tokenizer(pca.codebook, pca.vocab, pca.spec, "pca", pca.reference, pca.scale, -pca.basis)
+    assert turned.id != pca.id
+    with pytest.raises(ValueError, match="only an offsets = pca tokenizer has a basis"):
+        codebook_io.Tokenizer(pca.codebook, pca.vocab, pca.spec, "position", pca.reference, pca.scale, pca.basis)
     pos = toks["position"]
     moved = codebook_io.Tokenizer(pos.codebook, pos.vocab, pos.spec, "position", pos.reference + 1e-3, pos.scale)
     rescaled = codebook_io.Tokenizer(pos.codebook, pos.vocab, pos.spec, "position", pos.reference, pos.scale * 2)
@@ -446,3 +504,60 @@ def test_cli_fit_tokenize_train_sample_with_position_offsets(tiny_npz, tmp_path)
     # Samples are decoded with the offsets: reference + scale * code, not the bare code.
     assert torch.equal(samples["weights"], tok.decode(samples["tokens"].long()))
     assert not torch.equal(samples["weights"], tok.codebook[samples["tokens"].long()])
+
+
+# The order of the weights in the sequence (tokenize.order).
+
+def test_output_first_puts_the_layers_in_reverse_and_keeps_each_layer_whole():
+    spec = FieldSpec()
+    assert torch.equal(codebook_io.sequence_order(spec, "input_first"), torch.arange(561))
+    order = codebook_io.sequence_order(spec, "output_first")
+    w3, w2, w1 = torch.arange(544, 561), torch.arange(272, 544), torch.arange(0, 272)  # each layer: weight, then bias
+    assert torch.equal(order, torch.cat([w3, w2, w1]))
+    with pytest.raises(ValueError, match="order must be one of"):
+        codebook_io.sequence_order(spec, "sideways")
+
+
+def test_output_first_tokens_are_the_flatten_order_tokens_rearranged():
+    _, weights = anchored_fields()
+    cfg = TokenizerConfig(num_codes=48, max_iters=30)
+    flat, _ = tokenizer.learn_tokenizer(weights[:100], FieldSpec(), cfg, 10)
+    cfg.order = "output_first"
+    reordered, _ = tokenizer.learn_tokenizer(weights[:100], FieldSpec(), cfg, 10)
+    assert torch.equal(flat.codebook, reordered.codebook) and flat.id != reordered.id
+    tokens = reordered.encode(weights)
+    assert torch.equal(tokens, flat.encode(weights)[:, codebook_io.sequence_order(FieldSpec(), "output_first")])
+    assert torch.equal(tokens[:, -272:], flat.encode(weights)[:, :272])  # the first layer comes last
+    assert torch.equal(reordered.decode(tokens), flat.decode(flat.encode(weights)))  # decode returns flatten order
+
+
+def test_order_round_trips_through_the_file_and_old_files_are_input_first(tmp_path):
+    _, weights = anchored_fields()
+    tok, _ = tokenizer.learn_tokenizer(weights[:100], FieldSpec(),
+                                       TokenizerConfig(num_codes=48, max_iters=5, order="output_first"), 10)
+    path = tmp_path / "tok.safetensors"
+    codebook_io.save_tokenizer(path, tok)
+    back = codebook_io.load_tokenizer(path)
+    assert back.order == "output_first" and back.id == tok.id
+    _, meta = load_tensors(path)
+    save_tensors(path, {"codebook": tok.codebook}, {k: v for k, v in meta.items() if k != "order"} |
+                 {"tokenizer_id": codebook_io.tokenizer_id(tok.codebook)})
+    assert codebook_io.load_tokenizer(path).order == "input_first"
+    save_tensors(path, {"codebook": tok.codebook}, meta | {"order": "sideways"})
+    with pytest.raises(ArtifactError, match="unknown order 'sideways'"):
+        codebook_io.load_tokenizer(path)
+
+
+def test_order_needs_weight_positions_and_leaves_older_runs_fresh():
+    from nefgpt.config import apply_overrides, RunConfig
+    from nefgpt.errors import UsageError
+    from nefgpt.stages import stage_fingerprint
+
+    assert apply_overrides(RunConfig(), ["tokenize.order=output_first"]).tokenize.order == "output_first"
+    for bad in (["tokenize.offsets=pca"], ["train.struct_pos=true"], ["train.first_layer_weight=2"]):
+        with pytest.raises(UsageError, match="tokenize.o"):
+            apply_overrides(RunConfig(), ["tokenize.order=output_first", *bad])
+    # The tokenize fingerprint that runs with the default settings recorded before tokenize.order existed.
+    assert stage_fingerprint(RunConfig(), "tokenize") == "32a62a4366e707ed"
+    assert stage_fingerprint(apply_overrides(RunConfig(), ["tokenize.order=output_first"]), "tokenize") != \
+        "32a62a4366e707ed"

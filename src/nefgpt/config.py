@@ -66,7 +66,12 @@ class TokenizerConfig:
     # What the codebook quantizes: none = the raw weights; raw = offsets w - anchor from the shared anchor field;
     # position / layer = those offsets divided by their std over the training fields, per weight position or per
     # parameter tensor (W1, b1, W2, ...). Offsets need fit.init = shared (random-init fields have no shared anchor).
-    offsets: str = "none"  # none | raw | position | layer
+    # pca = the training fields' principal components, whitened, largest variance first: position i of the
+    # sequence is then component i, so the first tokens set the coarse shape of the whole field.
+    offsets: str = "none"  # none | raw | position | layer | pca
+    # The weights' order in the sequence: input_first = the flatten order W1, b1, W2, ...; output_first = the layers
+    # reversed, so the first layer, which decides whether a sample is readable, is decoded last, given the others.
+    order: str = "input_first"  # input_first | output_first
 
 
 @dataclass

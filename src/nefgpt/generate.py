@@ -86,15 +86,18 @@ def check_guidance(value: float, trained: dict, where: str, key: str = "guidance
 @torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
              top_p: float, generator: torch.Generator, use_cache: bool = True, guidance: float = 1.0,
-             min_p: float = 0.0) -> torch.Tensor:
+             min_p: float = 0.0, prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Code tokens (B, num_weights) for class labels (B,); label -1 is the null class (unconditional).
 
     With guidance g != 1 the B conditional and B null-class sequences run as one batch of 2B (one cache) and
     each step's logits are ``l_null + g (l_cond - l_null)``, before temperature, top-k, top-p and min-p; both
     halves are then extended with the same sampled token.
+
+    ``prefix`` (B, m) gives the first m tokens (in sequence order) and the model draws only the rest: a field
+    completed from given weights, as benchmarks/layer_oracle.py does to find which layer the samples fall short in.
     """
     return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, use_cache, guidance,
-                   min_p, score=False)[0]
+                   min_p, score=False, prefix=prefix)[0]
 
 
 @torch.no_grad()
@@ -114,9 +117,12 @@ def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights:
 
 def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
             top_p: float, generator: torch.Generator, use_cache: bool, guidance: float, min_p: float,
-            score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            score: bool, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     device = next(model.parameters()).device
     b = labels.shape[0]
+    given = 0 if prefix is None else prefix.shape[1]
+    if prefix is not None and (prefix.ndim != 2 or prefix.shape[0] != b or given > num_weights):
+        raise ValueError(f"prefix must be ({b}, m <= {num_weights}) tokens, got {tuple(prefix.shape)}")
     cond = condition_tokens(labels, vocab)
     guided = guidance != 1
     paired = guided or score  # run the null-class half beside the conditional one
@@ -135,10 +141,15 @@ def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, te
         total.add_(logp[:b] - logp[b:])
 
     seq = torch.stack([torch.full_like(cond, vocab.sos), cond], dim=1).to(device)
+    out = torch.empty(seq.shape[0], num_weights, dtype=torch.long, device=device)
+    if given:
+        out[:, :given] = prefix.long().to(device).repeat(2 if paired else 1, 1)
+        if given == num_weights:
+            return out[:b], total
+        seq = torch.cat([seq, out[:, :given]], dim=1)  # the given tokens are read, never scored
     cache = KVCache(model.config, seq.shape[0], device, next(model.parameters()).dtype) if use_cache else None
     raw = model(seq, cache, 0)[:, -1]
-    out = torch.empty(seq.shape[0], num_weights, dtype=torch.long, device=device)
-    for i in range(num_weights):
+    for i in range(given, num_weights):
         probs = filter_logits(mix(raw), temperature, top_k, top_p, min_p)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
         if paired:
@@ -149,9 +160,9 @@ def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, te
         if i + 1 == num_weights:
             break
         if use_cache:
-            raw = model(nxt, cache, seq.shape[1] + i)[:, -1]
+            raw = model(nxt, cache, 2 + i)[:, -1]
         else:
-            raw = model(torch.cat([seq, out[:, : i + 1]], dim=1))[:, -1]
+            raw = model(torch.cat([seq[:, :2], out[:, : i + 1]], dim=1))[:, -1]
     return out[:b], total
 
 

@@ -8,7 +8,8 @@ binary search between sorted code midpoints, so each pass over millions of
 weights takes milliseconds.
 
 With ``tokenize.offsets`` other than ``none`` the codebook quantizes offsets from
-the shared anchor field, ``(w - anchor) / scale`` (see `Tokenizer`); tokens always
+the shared anchor field, ``(w - anchor) / scale``, or with ``pca`` the whitened
+principal components of the training fields (see `Tokenizer`); tokens always
 become weights through `Tokenizer.decode`.
 
 The vocabulary, the `Tokenizer` and their files live in `nefgpt.codebook`, below the
@@ -91,20 +92,23 @@ SCALE_FLOOR = 1e-3  # a scale is at least this fraction of the pooled std of the
 
 
 def offset_frame(mode: str, train_weights: torch.Tensor, anchor: torch.Tensor | None,
-                 spec: FieldSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The reference field and the (num_params,) scales of an offsets mode, from the training fields.
+                 spec: FieldSpec) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The reference field, the (num_params,) scales and the basis (pca only) of an offsets mode.
 
     Scales are population stds of ``w - anchor`` over the training fields, per position or pooled per parameter
-    tensor, clamped to at least SCALE_FLOOR times the pooled std (positions no field moved have std 0).
+    tensor, clamped to at least SCALE_FLOOR times the pooled std (positions no field moved have std 0). For
+    ``pca`` they are the stds along the principal axes of ``w - mean``, clamped the same way.
     """
     if mode == "none":
-        return None, None
+        return None, None, None
+    if mode == "pca":
+        return principal_frame(train_weights)
     if anchor is None:
         raise UsageError(f"tokenize.offsets = {mode} needs fields fitted from a shared anchor (fit.init = shared); "
                          "these have none (use tokenize.offsets = none)")
     reference = anchor.float().reshape(-1).clone()
     if mode == "raw":
-        return reference, torch.ones_like(reference)
+        return reference, torch.ones_like(reference), None
     offsets = (train_weights.double() - reference.double())
     if mode == "position":
         scale = offsets.std(0, correction=0)
@@ -114,20 +118,41 @@ def offset_frame(mode: str, train_weights: torch.Tensor, anchor: torch.Tensor | 
             for size in (out_f * in_f, out_f):
                 scale[pos:pos + size] = offsets[:, pos:pos + size].std(correction=0)
                 pos += size
+    return reference, clamp_scale(scale, offsets), None
+
+
+def clamp_scale(scale: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     pooled = float(offsets.std(correction=0)) if offsets.numel() else 0.0
     floor = SCALE_FLOOR * pooled if pooled > 0 else 1.0
-    return reference, scale.clamp_min(floor).float()
+    return scale.clamp_min(floor).float()
+
+
+def principal_frame(train_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, principal-axis stds and eigenvectors (columns, largest variance first) of the training fields.
+
+    Each eigenvector's sign is fixed (its largest entry positive) so that the frame does not depend on which
+    LAPACK build computed it.
+    """
+    weights = train_weights.double()
+    mean = weights.mean(0)
+    offsets = weights - mean
+    cov = offsets.T @ offsets / max(len(weights), 1)
+    variances, basis = torch.linalg.eigh(cov)
+    variances, basis = variances.flip(0).clamp_min(0), basis.flip(1)
+    peak = basis.abs().argmax(0)
+    basis = basis * basis[peak, torch.arange(basis.shape[1])].sign()
+    return mean.float(), clamp_scale(variances.sqrt(), offsets), basis.float().contiguous()
 
 
 def learn_tokenizer(train_weights: torch.Tensor, spec: FieldSpec, cfg: TokenizerConfig, num_classes: int,
                     anchor: torch.Tensor | None = None) -> tuple[Tokenizer, dict]:
     """The tokenizer of `cfg` learned on the training fields (B, num_params); `anchor` is the shared init field."""
     check_vocab_size(cfg.num_codes, num_classes)  # the class count of this run's data
-    reference, scale = offset_frame(cfg.offsets, train_weights, anchor, spec)
+    reference, scale, basis = offset_frame(cfg.offsets, train_weights, anchor, spec)
     vocab = Vocab(cfg.num_codes, num_classes)
-    frame = Tokenizer(torch.zeros(cfg.num_codes), vocab, spec, cfg.offsets, reference, scale)
+    frame = Tokenizer(torch.zeros(cfg.num_codes), vocab, spec, cfg.offsets, reference, scale, basis, cfg.order)
     codebook, stats = learn_codebook(frame.values(train_weights), cfg)
-    return Tokenizer(codebook, vocab, spec, cfg.offsets, reference, scale), stats
+    return Tokenizer(codebook, vocab, spec, cfg.offsets, reference, scale, basis, cfg.order), stats
 
 
 def run_tokenize(cfg: TokenizerConfig, run_dir: Path) -> dict:
@@ -150,6 +175,7 @@ def run_tokenize(cfg: TokenizerConfig, run_dir: Path) -> dict:
     report = {
         **{k: v for k, v in stats.items() if k != "mse_history"},  # mse: in the units the codebook quantizes
         "offsets": tok.offsets,
+        "order": tok.order,
         # In weight space, so every offsets mode is comparable: mean (decoded - fitted)^2 over the fields' weights.
         "weight_mse": float(sq_err[train].mean()),
         "weight_mse_heldout": float(sq_err[held].mean()) if len(held) else None,
@@ -173,7 +199,7 @@ def run_tokenize(cfg: TokenizerConfig, run_dir: Path) -> dict:
     # One field of each of the first classes, so the figure shows varied shapes.
     shown = [int(train[(nefs["labels"][train] == c).nonzero()[0, 0]]) for c in nefs["labels"][train].unique()[:6]]
     label = {"none": "weight value", "raw": "offset w - anchor", "position": "(w - anchor) / per-position std",
-             "layer": "(w - anchor) / per-tensor std"}[tok.offsets]
+             "layer": "(w - anchor) / per-tensor std", "pca": "whitened principal component"}[tok.offsets]
     save_tokenizer_figure(run_dir / TOKENIZER_FIGURE_FILE, tok.values(weights[train]), codebook, spec, weights[shown],
                           quantized[shown], images[shown], value_label=label)
     return report

@@ -11,7 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from .baselines import BASELINES
-from .codebook import OFFSET_MODES
+from .codebook import OFFSET_MODES, ORDERS
 from .errors import UsageError
 from .model import POS_BIAS_MODES
 from .objectives import OBJECTIVES
@@ -82,6 +82,7 @@ _CHOICES = {
     ("fit", "init"): ("shared", "random"),
     ("tokenize", "init"): ("quantile", "random"),
     ("tokenize", "offsets"): OFFSET_MODES,
+    ("tokenize", "order"): ORDERS,
     ("train", "dtype"): ("auto", "bf16", "fp32"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "model"): ("gpt", *BASELINES),
@@ -148,9 +149,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not cfg.fit.hidden or min(cfg.fit.hidden) < 1:
         raise UsageError(f"fit.hidden must be a non-empty list of positive sizes, got {cfg.fit.hidden}")
     check_vocab_size(cfg.tokenize.num_codes, 1)  # the class count comes with the data: checked again at tokenize
-    if cfg.tokenize.offsets != "none" and cfg.fit.init != "shared":
+    if cfg.tokenize.offsets not in ("none", "pca") and cfg.fit.init != "shared":
         raise UsageError(f"tokenize.offsets = {cfg.tokenize.offsets} needs fit.init = shared: random-init fields have "
                          "no shared anchor to take offsets from (use tokenize.offsets = none)")
+    if cfg.tokenize.offsets == "pca" and (cfg.train.struct_pos or cfg.train.first_layer_weight != 1):
+        raise UsageError("tokenize.offsets = pca makes each position a principal component, not a weight: "
+                         "train.struct_pos and train.first_layer_weight need weight positions (turn them off)")
+    if cfg.tokenize.order != "input_first":
+        if cfg.tokenize.offsets == "pca":
+            raise UsageError("tokenize.offsets = pca orders the sequence by variance: it takes "
+                             "tokenize.order = input_first")
+        if cfg.train.struct_pos or cfg.train.first_layer_weight != 1:
+            raise UsageError(f"tokenize.order = {cfg.tokenize.order}: train.struct_pos and train.first_layer_weight "
+                             "assume the flatten order (turn them off)")
     # Sampling values are checked here too, so a bad --temperature/--top-p/--top-k is refused before
     # config.json is saved and before `sample` clears its old outputs (`sample` and `tune` call the same check).
     s = cfg.sample
