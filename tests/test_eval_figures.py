@@ -45,6 +45,19 @@ def test_generation_frames_morph_from_the_start_into_the_fields():
     torch.testing.assert_close(frames[half], field.render(SPEC, partial, 16))
 
 
+def test_generation_frames_follow_the_sequence_order():
+    from nefgpt.codebook import sequence_order
+
+    weights, start = fields(2, 0), fields(1, 1)[0]
+    order = sequence_order(SPEC, "output_first")
+    frames, counts = generation_frames(SPEC, weights, start, steps=10, res=16, order=order)
+    m = counts[len(counts) // 2]
+    partial = start.expand(2, -1).clone()
+    partial[:, order[:m]] = weights[:, order[:m]]  # the output layers first: the first layer is still the start's
+    torch.testing.assert_close(frames[len(counts) // 2], field.render(SPEC, partial, 16))
+    torch.testing.assert_close(frames[-1], field.render(SPEC, weights, 16))
+
+
 def test_generation_gif_has_every_frame_and_holds_the_result(tmp_path):
     start = torch.zeros(SPEC.num_params)
     n_frames = save_generation_gif(tmp_path / "g.gif", SPEC, fields(4, 0), torch.arange(4), start, steps=30, res=32)
@@ -102,3 +115,26 @@ def test_write_eval_figures(tmp_path, autoregressive):
         with Image.open(tmp_path / GENERATION_FILE) as gif:
             frame = np.asarray(gif.convert("L"))  # frame 0: every weight still 0, so sigmoid(0) = 0.5 everywhere
         assert frame[16 + 10, 4 + 10] in (127, 128)
+
+
+@pytest.mark.parametrize("offsets, order, expected", [
+    ("none", "input_first", (True, "input_first")), ("none", "output_first", (True, "output_first")),
+    ("pca", "input_first", (False, None))])
+def test_generation_order_follows_the_runs_tokenizer(tmp_path, offsets, order, expected):
+    from nefgpt.codebook import save_tokenizer, sequence_order
+    from nefgpt.config import TokenizerConfig
+    from nefgpt.evaluate import generation_order
+    from nefgpt.layout import TOKENIZER_FILE
+    from nefgpt.tokenizer import learn_tokenizer
+
+    assert generation_order(tmp_path, SPEC, has_tokens=False) == (False, None)  # a baseline's samples
+    assert generation_order(tmp_path, SPEC, has_tokens=True) == (True, None)  # no tokenizer: the flatten order
+    cfg = TokenizerConfig(num_codes=16, max_iters=3, offsets=offsets, order=order)
+    tok, _ = learn_tokenizer(fields(40, 0), SPEC, cfg, num_classes=3)
+    save_tokenizer(tmp_path / TOKENIZER_FILE, tok)
+    autoregressive, got = generation_order(tmp_path, SPEC, has_tokens=True)
+    assert autoregressive == expected[0]
+    if expected[1] is None:
+        assert got is None
+    else:
+        assert torch.equal(got, sequence_order(SPEC, expected[1]))

@@ -72,25 +72,28 @@ def nearest_figure(samples: torch.Tensor, labels: torch.Tensor, pool: torch.Tens
 
 
 def generation_frames(spec: field.FieldSpec, weights: torch.Tensor, start: torch.Tensor, steps: int,
-                      res: int) -> tuple[list[torch.Tensor], list[int]]:
+                      res: int, order: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[int]]:
     """Renders (B, res, res) after 0, P/steps, ..., P weights are generated, and those weight counts.
 
-    Weights not generated yet take their value from `start` (P,).
+    Weights are generated in `order` (the tokenizer's sequence order; None is the flatten order), and those
+    not generated yet take their value from `start` (P,).
     """
     n = spec.num_params
+    order = torch.arange(n) if order is None else order
     counts = sorted({round(s * n / steps) for s in range(steps + 1)})
     frames = []
     for m in counts:
         partial = start.expand(len(weights), -1).clone()
-        partial[:, :m] = weights[:, :m]
+        partial[:, order[:m]] = weights[:, order[:m]]
         frames.append(field.render(spec, partial, res))
     return frames, counts
 
 
 def save_generation_gif(path: Path, spec: field.FieldSpec, weights: torch.Tensor, labels: torch.Tensor,
-                        start: torch.Tensor, steps: int = 40, res: int = 64, frame_ms: int = 80) -> int:
-    """Animate the fields `weights` (B, P) being filled in from `start` (P,); returns the number of frames."""
-    frames, counts = generation_frames(spec, weights, start, steps, res)
+                        start: torch.Tensor, steps: int = 40, res: int = 64, frame_ms: int = 80,
+                        order: torch.Tensor | None = None) -> int:
+    """Animate the fields `weights` (B, P) being filled in from `start` (P,) in `order`; returns the frame count."""
+    frames, counts = generation_frames(spec, weights, start, steps, res, order)
     cell, gap, header = res + 4, 4, 16
     images = []
     for frame, m in zip(frames, counts):
@@ -111,11 +114,13 @@ def save_generation_gif(path: Path, spec: field.FieldSpec, weights: torch.Tensor
 
 def write_eval_figures(run_dir: Path, spec: field.FieldSpec, gen_images: torch.Tensor, gen_weights: torch.Tensor,
                        gen_labels: torch.Tensor, train_fields: torch.Tensor, confusion: list[list[int]],
-                       anchor: torch.Tensor | None, autoregressive: bool) -> list[str]:
+                       anchor: torch.Tensor | None, autoregressive: bool,
+                       order: torch.Tensor | None = None) -> list[str]:
     """Write the evaluation figures of the scored samples; returns the names written.
 
-    The GIF is made only for `autoregressive` samples (made weight by weight in
-    flatten order): for other models the morph would show an order they never used.
+    The GIF is made only for `autoregressive` samples (made weight by weight, in
+    `order`: the tokenizer's sequence order, None for the flatten order): for other
+    models the morph would show an order they never used.
     """
     picks = first_per_class(gen_labels, 2)
     k = min(3, len(train_fields))
@@ -126,7 +131,7 @@ def write_eval_figures(run_dir: Path, spec: field.FieldSpec, gen_images: torch.T
     if autoregressive:
         one = first_per_class(gen_labels, 1)
         start = anchor if anchor is not None else torch.zeros(spec.num_params)
-        save_generation_gif(run_dir / GENERATION_FILE, spec, gen_weights[one], gen_labels[one], start)
+        save_generation_gif(run_dir / GENERATION_FILE, spec, gen_weights[one], gen_labels[one], start, order=order)
         written.append(GENERATION_FILE)
     else:
         (run_dir / GENERATION_FILE).unlink(missing_ok=True)  # a GIF of an earlier GPT sample set would mislead

@@ -33,7 +33,8 @@ from .config import EvalConfig
 from .errors import ArtifactError
 from .eval_figures import write_eval_figures
 from .fields_io import load_nefs
-from .layout import METRICS_FILE, SAMPLES_FILE
+from .codebook import load_tokenizer, sequence_order
+from .layout import METRICS_FILE, SAMPLES_FILE, TOKENIZER_FILE
 from .samples_io import load_generated_fields
 from .split import balanced_indices, load_split_images
 
@@ -53,6 +54,22 @@ def near_copy_stats(gen_nn: torch.Tensor, heldout_nn: torch.Tensor) -> dict:
 def _quantiles(x: torch.Tensor) -> dict:
     q = torch.quantile(x.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
     return {"mean": float(x.double().mean()), "p5": q[0], "median": q[1], "p95": q[2]}
+
+
+def generation_order(run_dir: Path, spec: field.FieldSpec, has_tokens: bool) -> tuple[bool, torch.Tensor | None]:
+    """Whether the samples were made weight by weight, and in which order (None: the flatten order).
+
+    Tokens mean a GPT made them, in its tokenizer's sequence order; with ``offsets = pca`` each token is a
+    principal component, not a weight, so there is no weight-by-weight generation to show.
+    """
+    if not has_tokens:
+        return False, None
+    if not (run_dir / TOKENIZER_FILE).exists():
+        return True, None
+    tok = load_tokenizer(run_dir / TOKENIZER_FILE)
+    if tok.offsets == "pca":
+        return False, None
+    return True, sequence_order(spec, tok.order)
 
 
 def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
@@ -129,8 +146,9 @@ def run_evaluate(cfg: EvalConfig, run_dir: Path, progress: bool = True) -> dict:
         "nearest_train_index": train_idx[gen_nn_idx].tolist(),
     }
     # Figures before metrics.json, whose presence marks the stage as done.
+    autoregressive, order = generation_order(run_dir, spec, "tokens" in samples)
     result["figures"] = write_eval_figures(run_dir, spec, gen, gen_weights[g_sel], gen_l, train_fields,
-                                           score["confusion"], nefs.get("anchor"), "tokens" in samples)
+                                           score["confusion"], nefs.get("anchor"), autoregressive, order)
     result["evaluate_seconds"] = time.time() - t0
     save_json(run_dir / METRICS_FILE, result)
     return result
