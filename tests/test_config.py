@@ -136,6 +136,8 @@ def test_bad_overrides_raise_usage_error(item, word):
     ("fit.anchor_steps=-5", "fit.anchor_steps"),
     ("fit.init_l2=-1e-3", "fit.init_l2"),
     ("fit.init_l2=nan", "fit.init_l2"),
+    ("fit.augment_shifts=-1", "fit.augment_shifts"),
+    ("fit.augment_shifts=9", "fit.augment_shifts"),
     ("train.max_iters=-1", "train.max_iters"),
     ("train.warmup_iters=-1", "train.warmup_iters"),
     ("tokenize.max_iters=-1", "tokenize.max_iters"),

@@ -252,3 +252,74 @@ def test_a_run_made_before_init_l2_existed_stays_fresh():
     pulled = RunConfig()
     pulled.fit.init_l2 = 1e-3
     assert stage_fingerprint(pulled, "fit") != before
+    augmented = RunConfig()
+    augmented.fit.augment_shifts = 2
+    assert stage_fingerprint(augmented, "fit") != before
+
+
+def test_shift_images_moves_by_one_pixel_and_fills_zeros():
+    image = torch.zeros(5, 5)
+    image[0, 0], image[2, 3] = 1.0, 0.5
+    for dy, dx in fit.SHIFTS:
+        moved = fit.shift_images(image, dy, dx)
+        assert moved.shape == image.shape
+        assert moved[2 + dy, 3 + dx] == 0.5
+        # The corner pixel moves in, or leaves the image: nothing wraps around to the far side.
+        assert moved.sum() == 0.5 + (1.0 if dy >= 0 and dx >= 0 else 0.0)
+    assert torch.equal(fit.shift_images(image[None], 1, 0)[0], fit.shift_images(image, 1, 0))
+
+
+def test_augmented_images_are_distinct_seeded_moves_of_each_image():
+    images = blobs(3)
+    moved, source, moves = fit.augmented_images(images, 4, seed=0)
+    assert moved.shape == (12, 28, 28) and source.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for i in range(3):
+        assert len({tuple(m) for m in moves[source == i].tolist()}) == 4  # no move twice for one image
+    for k in range(12):
+        assert torch.equal(moved[k], fit.shift_images(images[source[k]], *moves[k].tolist()))
+    again = fit.augmented_images(images, 4, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip((moved, source, moves), again))
+    assert not torch.equal(fit.augmented_images(images, 4, seed=1)[2], moves)
+    empty = fit.augmented_images(images, 0, seed=0)
+    assert [t.shape[0] for t in empty] == [0, 0, 0]
+
+
+def test_augment_shifts_appends_fitted_shifted_training_fields(tiny_npz, tmp_path):
+    plain, augmented = tmp_path / "plain", tmp_path / "aug"
+    fit.run_fit(data_cfg(tiny_npz), fit_cfg(steps=60, lr=3e-2), plain, progress=False)
+    meta = fit.run_fit(data_cfg(tiny_npz), fit_cfg(steps=60, lr=3e-2, augment_shifts=2), augmented, progress=False)
+    a, _ = load_tensors(plain / layout.NEFS_FILE)
+    b, stored = load_tensors(augmented / layout.NEFS_FILE)
+    split = json.loads((augmented / layout.SPLIT_FILE).read_text())
+    train = split["train"]
+    # The split's fields come first, exactly as without augmentation; the moved copies follow.
+    assert b["weights"].shape == (60 + 2 * len(train), 561)
+    assert torch.equal(b["weights"][:60], a["weights"]) and torch.equal(b["labels"][:60], a["labels"])
+    assert stored["augment"] == {**meta["augment"], "first_row": 60, "rows": 2 * len(train), "shifts_per_image": 2}
+    assert meta["psnr_mean"] == pytest.approx(float(a["psnr"].mean()))  # the split's fields only
+    source = b["augment_source"]
+    assert source.tolist() == [r for r in train for _ in range(2)]
+    assert torch.equal(b["labels"][60:], b["labels"][source])
+    # Each copy is fitted to its moved image: it matches that image better than the unmoved one.
+    _, images, _ = load_split_images(augmented)
+    moved = torch.stack([fit.shift_images(images[r], *m.tolist()) for r, m in zip(source, b["augment_shift"])])
+    rendered = field.render(SPEC, b["weights"][60:])
+    assert torch.allclose(field.psnr(rendered, moved), b["psnr"][60:], atol=1e-3)
+    assert float(field.psnr(rendered, moved).mean()) > float(field.psnr(rendered, images[source]).mean())
+
+    loaded, loaded_meta = fields_io.load_nefs(augmented)
+    rows = fields_io.training_rows(split, loaded_meta)
+    assert rows.tolist() == train + list(range(60, 60 + 2 * len(train)))
+    assert fields_io.training_rows(split, fields_io.load_nefs(plain)[1]).tolist() == train
+
+
+def test_nefs_with_a_wrong_augment_record_is_refused(tiny_npz, tmp_path):
+    from nefgpt.artifacts import save_tensors
+
+    run = tmp_path / "aug"
+    fit.run_fit(data_cfg(tiny_npz), fit_cfg(augment_shifts=1), run, progress=False)
+    tensors, meta = load_tensors(run / layout.NEFS_FILE)
+    meta["augment"]["rows"] += 1
+    save_tensors(run / layout.NEFS_FILE, tensors, meta)
+    with pytest.raises(ArtifactError, match="nefs.safetensors: metadata 'augment'"):
+        fields_io.load_nefs(run)

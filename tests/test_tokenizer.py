@@ -561,3 +561,31 @@ def test_order_needs_weight_positions_and_leaves_older_runs_fresh():
     assert stage_fingerprint(RunConfig(), "tokenize") == "32a62a4366e707ed"
     assert stage_fingerprint(apply_overrides(RunConfig(), ["tokenize.order=output_first"]), "tokenize") != \
         "32a62a4366e707ed"
+
+
+def test_tokenize_and_train_learn_from_fits_shifted_copies(tiny_npz, tmp_path):
+    from nefgpt import train
+    from nefgpt.config import TrainConfig
+    from nefgpt.split import load_split
+
+    run = tmp_path / "run"
+    fit.run_fit(DataConfig(dataset=f"npz:{tiny_npz}", heldout_per_class=2, tune_per_class=1),
+                FitConfig(steps=5, init="random", augment_shifts=2), run, progress=False)
+    cfg = TokenizerConfig(num_codes=32, max_iters=20)
+    report = tokenizer.run_tokenize(cfg, run)
+    nefs, meta = fields_io.load_nefs(run)
+    split = load_split(run)
+    rows = fields_io.training_rows(split, meta)
+    assert len(rows) == 3 * len(split["train"])
+    # The codebook is learned on the training fields and their copies; every field, copies included, is tokenized.
+    expected, _ = tokenizer.learn_tokenizer(nefs["weights"][rows], FieldSpec(), cfg, 10)
+    tok = codebook_io.load_tokenizer(run / layout.TOKENIZER_FILE)
+    assert torch.equal(tok.codebook, expected.codebook)
+    raw, tokens_meta = load_tensors(run / layout.TOKENS_FILE)
+    assert raw["tokens"].shape == (len(nefs["weights"]), 561) and tokens_meta["augment"] == meta["augment"]
+    # The PSNRs are the split's fields', against their real images.
+    assert report["psnr_fitted_mean"] == pytest.approx(float(nefs["psnr"][:60].mean()))
+
+    summary = train.run_train(TrainConfig(n_layer=1, n_head=2, n_embd=16, batch_size=8, max_iters=2, warmup_iters=0,
+                                          dtype="fp32", device="cpu"), run, progress=False)
+    assert summary["train_fields"] == len(rows)

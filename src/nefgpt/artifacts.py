@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ArtifactError
@@ -92,15 +92,10 @@ def load_tensors(path: str | Path, expect: dict[str, torch.dtype] | None = None)
     or a non-finite floating value is reported as an ArtifactError naming the file.
     """
     path = Path(path)
-    _require(path)
+    meta = load_metadata(path)
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = f.metadata() or {}
-        meta = {k: json.loads(v, parse_constant=_no_constant) for k, v in raw_meta.items()}
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     for name, dtype in (expect or {}).items():
         if name not in tensors:
@@ -111,6 +106,18 @@ def load_tensors(path: str | Path, expect: dict[str, torch.dtype] | None = None)
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ArtifactError(f"{path}: tensor '{name}' contains NaN or Inf")
     return tensors, meta
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON-decoded metadata of a safetensors file, without reading its tensors."""
+    path = Path(path)
+    _require(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        return {k: json.loads(v, parse_constant=_no_constant) for k, v in raw_meta.items()}
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:

@@ -48,6 +48,10 @@ class FitConfig:
     steps: int = 200
     lr: float = 3e-2
     init_l2: float = 0.0  # L2 pull of each field toward its init (the anchor): weights the image ignores stay put
+    # Extra training fields: each training image shifted by one pixel in this many of the 8 directions (0..8),
+    # fitted like the others and appended to nefs.safetensors. Only the models train on them; the tuning and
+    # held-out fields, the classifier and the near-copy check keep the real images.
+    augment_shifts: int = 0
     anchor_steps: int = 3000
     anchor_lr: float = 3e-3
     batch_size: int = 64  # fields fitted together; small batches stay in cache and run faster

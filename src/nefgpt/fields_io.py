@@ -11,6 +11,7 @@ import torch
 
 from .artifacts import load_tensors
 from .config import FitConfig
+from .errors import ArtifactError
 from .field import FieldSpec
 from .layout import NEFS_FILE
 
@@ -27,5 +28,22 @@ def load_nefs(run_dir: Path, spec: FieldSpec | None = None) -> tuple[dict[str, t
     stored.check_weights(tensors["weights"], str(path))
     if spec is not None:
         spec.check_matches(stored, str(path))
+    augment = meta.get("augment")
+    if augment is not None:
+        n = len(tensors["weights"])
+        if not (isinstance(augment, dict) and isinstance(augment.get("first_row"), int)
+                and isinstance(augment.get("rows"), int) and 0 < augment["first_row"]
+                and augment["first_row"] + augment["rows"] == n):
+            raise ArtifactError(f"{path}: metadata 'augment' must give first_row and rows of the last fields "
+                                f"(the file has {n}), got {augment}")
     meta["spec"] = stored
     return tensors, meta
+
+
+def training_rows(split: dict, nefs_meta: dict) -> torch.Tensor:
+    """Rows of nefs.safetensors the models learn from: the split's training fields, then fit's shifted copies."""
+    rows = torch.tensor(split["train"], dtype=torch.long)
+    augment = nefs_meta.get("augment")
+    if augment:
+        rows = torch.cat([rows, torch.arange(augment["first_row"], augment["first_row"] + augment["rows"])])
+    return rows

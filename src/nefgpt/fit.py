@@ -10,6 +10,10 @@ on a fixed image (the first training image); every field then starts from the
 anchor's weights ("weight conditioning"), which keeps the flattened weights of
 different fields aligned position by position.
 
+With ``augment_shifts = k`` every training image is also fitted k more times, moved by one pixel in k of the
+8 directions (a seeded choice per image). Those fields are appended after the split's fields in
+nefs.safetensors; `nefgpt.fields_io.training_rows` hands them to the models.
+
 Chunks are written as they finish, so a killed fit resumes where it stopped and
 ends with the same bytes as an uninterrupted one. The later stages read the fields
 with `nefgpt.fields_io.load_nefs`.
@@ -63,6 +67,30 @@ def fit_batch(
     return weights.detach()
 
 
+# (dy, dx) of the one-pixel moves; MNIST digits sit in a 4-pixel empty border, so no stroke leaves the image.
+SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
+
+
+def shift_images(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images (..., H, W) moved by (dy, dx) pixels, |dy|, |dx| <= 1, with zeros coming in at the edges."""
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1))
+    return padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+
+
+def augmented_images(images: torch.Tensor, shifts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`shifts` distinct one-pixel moves of each image (N, H, W): images (N * shifts, H, W), image by image, with
+    the source image's position (N * shifts,) and the move (N * shifts, 2) of each."""
+    if shifts == 0:
+        return images[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed + 7919)
+    choice = torch.stack([torch.randperm(len(SHIFTS), generator=gen)[:shifts] for _ in range(len(images))])
+    source = torch.arange(len(images)).repeat_interleave(shifts)
+    moves = torch.tensor(SHIFTS, dtype=torch.long)[choice.flatten()]
+    moved = torch.stack([shift_images(images[i], int(dy), int(dx)) for i, (dy, dx) in zip(source.tolist(), moves)])
+    return moved, source, moves
+
+
 def fit_anchor(spec: FieldSpec, image: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
     gen = torch.Generator().manual_seed(cfg.seed)
     return fit_batch(spec, field.init_random(spec, 1, gen), image[None], cfg.anchor_steps, cfg.anchor_lr)
@@ -97,6 +125,12 @@ def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool 
             anchor = fit_anchor(spec, anchor_image, cfg)
             save_tensors(anchor_path, {"weights": anchor}, {"field": spec.to_meta(), "image": split["train"][0]})
 
+    train_rows = torch.tensor(split["train"], dtype=torch.long)
+    moved, source, moves = augmented_images(images[train_rows], cfg.augment_shifts, cfg.seed)
+    real = len(images)
+    images = torch.cat([images, moved])
+    labels = torch.cat([labels, labels[train_rows[source]]])
+
     chunk_dir = run_dir / CHUNK_DIR
     n = len(images)
     starts = list(range(0, n, cfg.chunk_size))
@@ -115,21 +149,26 @@ def run_fit(data_cfg: DataConfig, cfg: FitConfig, run_dir: Path, progress: bool 
     weights = torch.cat(
         [load_tensors(chunk_dir / f"chunk_{s:07d}.safetensors", {"weights": torch.float32})[0]["weights"] for s in starts]
     )
-    psnr = field.psnr(field.render(spec, weights, images.shape[-1]), images)
+    psnr = field.psnr(field.render(spec, weights, images.shape[-1]), images)  # the shifted fields: their own image
     inits = torch.cat([chunk_inits(spec, cfg, anchor, s, min(cfg.chunk_size, n - s)) for s in starts])
     meta = {
         "field": spec.to_meta(),
         "init": cfg.init,
         "dataset": split["dataset"],
         "flatten_order": "state-dict order: W1 (out x in, row-major), b1, W2, b2, ..., W_out, b_out",
-        "psnr_mean": float(psnr.mean()),
-        "psnr_min": float(psnr.min()),
-        **init_stats(weights, inits),
+        "psnr_mean": float(psnr[:real].mean()),  # the split's fields, as without augmentation
+        "psnr_min": float(psnr[:real].min()),
+        **init_stats(weights[:real], inits[:real]),
         "fit_seconds": time.time() - t0,
     }
     tensors = {"weights": weights, "psnr": psnr, "labels": labels}
     if anchor is not None:
         tensors["anchor"] = anchor[0]
+    if len(moved):
+        meta["augment"] = {"shifts_per_image": cfg.augment_shifts, "first_row": real, "rows": len(moved),
+                           "psnr_mean": float(psnr[real:].mean())}
+        tensors["augment_source"] = train_rows[source]  # the row of the field whose image was moved
+        tensors["augment_shift"] = moves  # (dy, dx)
     save_tensors(run_dir / NEFS_FILE, tensors, meta)
     shutil.rmtree(chunk_dir)  # the chunks, and any temporary file a killed run left there
     return meta

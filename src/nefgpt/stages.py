@@ -105,7 +105,8 @@ RUN_HELP = "all stages in order, then the HTML report"
 SAMPLING_ONLY = {("regression", "noise"), ("diffusion", "sample_steps"), ("diffusion", "eta"), ("diffusion", "clip_x0")}
 # Settings added after runs existed, with the value that does what those runs did: left out of the fingerprint
 # at that value, so a run directory made before the setting existed stays fresh.
-ADDED_LATER = {("fit", "init_l2"): 0.0, ("train", "first_layer_weight"): 1.0, ("tokenize", "order"): "input_first"}
+ADDED_LATER = {("fit", "init_l2"): 0.0, ("fit", "augment_shifts"): 0, ("train", "first_layer_weight"): 1.0,
+               ("tokenize", "order"): "input_first"}
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:

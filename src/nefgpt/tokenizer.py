@@ -29,7 +29,7 @@ from .config import TokenizerConfig
 from .validation import check_vocab_size
 from .errors import UsageError
 from .field import FieldSpec
-from .fields_io import load_nefs
+from .fields_io import load_nefs, training_rows
 from .layout import TOKENIZER_FIGURE_FILE, TOKENIZER_FILE, TOKENIZER_REPORT_FILE, TOKENS_FILE
 from .split import load_split, load_split_images
 from .weight_stats import save_tokenizer_figure
@@ -163,15 +163,17 @@ def run_tokenize(cfg: TokenizerConfig, run_dir: Path) -> dict:
     weights = nefs["weights"]
     train = torch.tensor(split["train"], dtype=torch.long)
     held = torch.tensor(split["heldout"], dtype=torch.long)
-    tok, stats = learn_tokenizer(weights[train], spec, cfg, int(split["num_classes"]), nefs.get("anchor"))
+    learn_rows = training_rows(split, meta)  # with fit's shifted copies, when there are any
+    tok, stats = learn_tokenizer(weights[learn_rows], spec, cfg, int(split["num_classes"]), nefs.get("anchor"))
     vocab, codebook = tok.vocab, tok.codebook
     tokens = tok.encode(weights)
     quantized = tok.decode(tokens)
     sq_err = (quantized.double() - weights.double()) ** 2
     _, images, _ = load_split_images(run_dir)
     res = images.shape[-1]
-    psnr_q = field.psnr(field.render(spec, quantized, res), images)
-    psnr_f = nefs["psnr"]  # stored by `fit` against the same images
+    real = len(images)  # the split's fields; fit's shifted copies come after them
+    psnr_q = field.psnr(field.render(spec, quantized[:real], res), images)
+    psnr_f = nefs["psnr"][:real]  # stored by `fit` against the same images
     report = {
         **{k: v for k, v in stats.items() if k != "mse_history"},  # mse: in the units the codebook quantizes
         "offsets": tok.offsets,
@@ -193,8 +195,10 @@ def run_tokenize(cfg: TokenizerConfig, run_dir: Path) -> dict:
         report["offset_scale"] = {"min": float(tok.scale.min()), "median": float(tok.scale.median()),
                                   "max": float(tok.scale.max())}
     save_tokenizer(run_dir / TOKENIZER_FILE, tok)
+    # Which rows are fit's shifted copies travels with the tokens, so `train` needs no other stage's file.
+    carried = {"augment": meta["augment"]} if "augment" in meta else {}
     save_tensors(run_dir / TOKENS_FILE, {"tokens": tokens.to(torch.int16), "labels": nefs["labels"]},
-                 {"tokenizer_id": report["tokenizer_id"]})
+                 {"tokenizer_id": report["tokenizer_id"], **carried})
     save_json(run_dir / TOKENIZER_REPORT_FILE, report)
     # One field of each of the first classes, so the figure shows varied shapes.
     shown = [int(train[(nefs["labels"][train] == c).nonzero()[0, 0]]) for c in nefs["labels"][train].unique()[:6]]

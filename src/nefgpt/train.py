@@ -25,15 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .artifacts import load_metadata
 from .checkpoint import load_checkpoint, saved_model_args
+from .codebook import Vocab, load_tokenizer, load_tokens
 from .config import TrainConfig
 from .ema import EMA
 from .errors import ArtifactError, NefgptError, UsageError
 from .field import FieldSpec
-from .layout import CKPT_FILE, TOKENIZER_FILE
+from .fields_io import training_rows
+from .layout import CKPT_FILE, TOKENIZER_FILE, TOKENS_FILE
 from .model import GPT, GPTConfig
 from .split import load_split
-from .codebook import Vocab, load_tokenizer, load_tokens
 # The loop's names, public here before the loop moved to nefgpt.trainer.
 from .trainer import (NonFiniteLoss, Task, Trainer, TrainInterrupted, autocast, autocast_dtype, batch_indices,
                       resolve_device)
@@ -226,7 +228,12 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
     seqs = build_sequences(tokens, labels, vocab)
     if cfg.conditioning == "none":
         seqs[:, 1] = vocab.sos  # an unconditional model: every sequence has the null class (SOS at the class slot)
-    train_seqs = seqs[torch.tensor(split["train"], dtype=torch.long)]
+    # With fit's shifted copies, when there are any (tokens.safetensors says which rows they are).
+    train_rows = training_rows(split, load_metadata(run_dir / TOKENS_FILE))
+    if len(train_rows) and int(train_rows.max()) >= len(seqs):
+        raise ArtifactError(f"{run_dir / TOKENS_FILE}: its training rows reach {int(train_rows.max())}, but it holds "
+                            f"{len(seqs)} fields; rerun `nefgpt tokenize --force --out {run_dir}`")
+    train_seqs = seqs[train_rows]
     val_seqs = seqs[torch.tensor(split["heldout"], dtype=torch.long)]
 
     group = distributed.current()
@@ -281,6 +288,7 @@ def run_train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: b
     raw = {"val_loss_raw": evaluate_loss(model, val_seqs, cfg.batch_size, device, amp), "ema_decay": cfg.ema_decay} if ema else {}
     summary = trainer.summary(final_train, final_val, tail={
         "tokenizer_id": tok_id,
+        "train_fields": len(train_seqs),  # with fit's shifted copies
         "conditioning": cfg.conditioning,
         "p_uncond": cfg.p_uncond,
         "processes": group.world_size if group else 1,

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 _NON_NEGATIVE = {
     "data": ("subset_per_class", "tune_per_class"),
-    "fit": ("steps", "anchor_steps", "init_l2"),
+    "fit": ("steps", "anchor_steps", "init_l2", "augment_shifts"),
     "tokenize": ("max_iters",),
     "train": ("max_iters", "warmup_iters", "head_dim", "max_minutes", "pos_bias_decay", "hl_sigma",
               "pos_bias_lr_mult"),
@@ -146,6 +146,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                                      + f", got {v}")
     for (section, key), choices in _CHOICES.items():
         check_choice(f"{section}.{key}", getattr(getattr(cfg, section), key), choices)
+    if cfg.fit.augment_shifts > 8:
+        raise UsageError(f"fit.augment_shifts must be in 0..8 (one-pixel shifts in 8 directions), "
+                         f"got {cfg.fit.augment_shifts}")
     if not cfg.fit.hidden or min(cfg.fit.hidden) < 1:
         raise UsageError(f"fit.hidden must be a non-empty list of positive sizes, got {cfg.fit.hidden}")
     check_vocab_size(cfg.tokenize.num_codes, 1)  # the class count comes with the data: checked again at tokenize

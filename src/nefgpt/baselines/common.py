@@ -21,7 +21,7 @@ from ..artifacts import load_checkpoint, save_checkpoint, save_json
 from ..config import RunConfig
 from ..errors import ArtifactError, UsageError
 from ..field import FieldSpec
-from ..fields_io import load_nefs, spec_from_config
+from ..fields_io import load_nefs, spec_from_config, training_rows
 from ..layout import CKPT_FILE, NEFS_FILE, SPLIT_FILE, SUMMARY_FILE
 from ..samples_io import save_samples
 from ..split import load_split
@@ -41,10 +41,12 @@ class Fields:
 
 
 def load_fields(cfg: RunConfig, run_dir: Path, part: str = "train") -> Fields:
-    """The fields of split part `part` ("train", "tune" or "heldout")."""
+    """The fields of split part `part` ("train", "tune" or "heldout"); "train" includes fit's shifted copies."""
     nefs, meta = load_nefs(run_dir, spec_from_config(cfg.fit))
     split = load_split(run_dir)
     rows = split.get(part)
+    if part == "train" and rows is not None:
+        rows = training_rows(split, meta).tolist()
     if rows is None:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: has no '{part}' part (made by an older version; "
                             f"rerun `nefgpt fit --force --out {run_dir}`)")
@@ -53,7 +55,7 @@ def load_fields(cfg: RunConfig, run_dir: Path, part: str = "train") -> Fields:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: '{part}' rows must be integers in 0..{n - 1} "
                             f"(rows of {run_dir / NEFS_FILE})")
     idx = torch.tensor(rows, dtype=torch.long)
-    train_idx = torch.tensor(split["train"], dtype=torch.long)
+    train_idx = training_rows(split, meta)
     return Fields(weights=nefs["weights"][idx], labels=nefs["labels"][idx], spec=meta["spec"],
                   num_classes=int(split["num_classes"]), nefs_id=fingerprint(nefs["weights"][train_idx]),
                   anchor=nefs.get("anchor"), rows=idx)
