@@ -1,0 +1,177 @@
+"""Sampling the GPT times a per-class Gaussian on the first layer: does a prior with joint structure fix W1?
+
+benchmarks/layer_oracle.py showed that the samples fall short in the first layer (W1, b1): given a real one, the
+GPT draws the rest well. The Gaussian baseline captures the first layer's correlations in one covariance, so this
+samples from the product of the two on those positions:
+
+    logits_i  +=  lam * log N(v_c ; m_i, s_i^2)      for each code value v_c, at first-layer position i,
+
+where m_i and s_i are the class Gaussian's conditional mean and std given the first-layer values decoded so
+far (a running forward substitution through the Cholesky factor of its covariance). The Gaussian is fitted per
+class on the dequantized training tokens, with the Gaussian baseline's Ledoit-Wolf shrinkage. Temperature,
+guidance and the rest apply to the sum as usual; lam = 0 is the plain sampler.
+
+Every (guidance, T, lam) row of the grid is decoded for 50 fields per class and scored by the `evaluate` stage
+against the run's 500 held-out fields (as layer_oracle does), side by side, with the same seed.
+
+`--prior-on all` puts the Gaussian on every weight instead (one 561-dimensional Gaussian per class).
+
+    python benchmarks/first_layer_prior.py --run runs/demo [--grid "1,1,0 1,1,0.5 ..."] [--prior-on all] [--json out.json]
+        [--png grids.png --show "2,0.7,0 1,1,0.5"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from layer_oracle import score
+from nefgpt import field
+from nefgpt.baselines.gaussian import fit_gaussian
+from nefgpt.checkpoint import load_checked_model
+from nefgpt.codebook import Tokenizer, load_tokenizer, load_tokens
+from nefgpt.figures import save_sample_grid
+from nefgpt.generate import condition_tokens, filter_logits
+from nefgpt.model import GPT, KVCache
+from nefgpt.split import load_split
+
+PER_CLASS = 50
+DEFAULT_GRID = "1,1,0 1,1,0.5 1,1,1 1,1.1,0.3 1,1.2,0.5 1,1.3,1 2,0.8,0 2,0.8,0.5 2,0.7,0"
+
+
+class FirstLayerPrior:
+    """Per-class Gaussians on the first `n` weights, evaluated one position at a time while decoding."""
+
+    def __init__(self, weights: torch.Tensor, labels: torch.Tensor, values: torch.Tensor):
+        self.n = weights.shape[1]
+        self.values = values.double()  # (K,) each code's weight value
+        self.mean, self.chol = {}, {}
+        for c in labels.unique().tolist():
+            g = fit_gaussian(weights[labels == c])
+            cov = g["std"][:, None] * (g["eigvecs"] * g["eigvals"]) @ g["eigvecs"].T * g["std"][None, :]
+            cov = (cov + cov.T) / 2 + 1e-10 * torch.eye(self.n, dtype=torch.float64)
+            self.mean[c], self.chol[c] = g["mean"], torch.linalg.cholesky(cov)
+
+    def start(self, c: int, b: int) -> torch.Tensor:
+        """The whitened values decoded so far, (b, n): none yet."""
+        return torch.zeros(b, self.n, dtype=torch.float64)
+
+    def log_density(self, c: int, z: torch.Tensor, i: int) -> torch.Tensor:
+        """log N(v; m_i, s_i^2) of every code value v, up to a constant, (b, K)."""
+        m = self.mean[c][i] + z[:, :i] @ self.chol[c][i, :i]
+        s = self.chol[c][i, i]
+        return (-0.5 * ((self.values[None] - m[:, None]) / s) ** 2).float()
+
+    def observe(self, c: int, z: torch.Tensor, i: int, codes: torch.Tensor) -> None:
+        m = self.mean[c][i] + z[:, :i] @ self.chol[c][i, :i]
+        z[:, i] = (self.values[codes] - m) / self.chol[c][i, i]
+
+
+@torch.no_grad()
+def decode(model: GPT, tok: Tokenizer, prior: FirstLayerPrior, c: int, n: int, guidance: float, temperature: float,
+           lam: float, gen: torch.Generator) -> torch.Tensor:
+    """n code sequences of class c; the conditional and null-class halves share one cache, as in generate()."""
+    vocab, p = tok.vocab, tok.spec.num_params
+    cond = condition_tokens(torch.full((n,), c), vocab)
+    cond = torch.cat([cond, torch.full_like(cond, vocab.sos)])
+    seq = torch.stack([torch.full_like(cond, vocab.sos), cond], dim=1)
+    cache = KVCache(model.config, seq.shape[0], "cpu", next(model.parameters()).dtype)
+    raw = model(seq, cache, 0)[:, -1]
+    z = prior.start(c, n)
+    out = torch.empty(n, p, dtype=torch.long)
+    for i in range(p):
+        with_class, null = raw[:n].float(), raw[n:].float()
+        logits = null + guidance * (with_class - null)
+        if lam and i < prior.n:
+            logits = logits + lam * prior.log_density(c, z, i)
+        nxt = torch.multinomial(filter_logits(logits, temperature, 0, 1.0, 0.0), 1, generator=gen)
+        out[:, i] = nxt[:, 0]
+        if i < prior.n:
+            prior.observe(c, z, i, nxt[:, 0])
+        if i + 1 < p:
+            raw = model(nxt.repeat(2, 1), cache, 2 + i)[:, -1]
+    return out
+
+
+def parse_grid(text: str) -> list[tuple[float, float, float]]:
+    return [tuple(float(v) for v in item.split(",")) for item in text.split()]
+
+
+def row_name(g: float, t: float, lam: float) -> str:
+    return f"guidance {g:g}, T {t:g}, prior weight {lam:g}"
+
+
+def save_side_by_side(path: Path, tok: Tokenizer, shown: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    tiles = []
+    for name, (tokens, labels) in shown.items():
+        tmp = path.with_suffix(f".{len(tiles)}.tmp.png")
+        save_sample_grid(tmp, field.render(tok.spec, tok.decode(tokens[::5]), 28), labels[::5], per_row=10)
+        tiles.append((name, Image.open(tmp).convert("RGB")))
+        tmp.unlink()
+    w = sum(im.width for _, im in tiles) + 20 * (len(tiles) - 1)
+    h = max(im.height for _, im in tiles) + 24
+    canvas = Image.new("RGB", (w, h), "white")
+    x = 0
+    for name, im in tiles:
+        ImageDraw.Draw(canvas).text((x + 4, 4), name, fill="black")
+        canvas.paste(im, (x, 24))
+        x += im.width + 20
+    canvas.save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="a trained run (tokenize.offsets none, input_first)")
+    ap.add_argument("--grid", default=DEFAULT_GRID, help="space-separated guidance,temperature,prior-weight triples")
+    ap.add_argument("--prior-on", choices=("first", "all"), default="first",
+                    help="the positions the Gaussian covers: the first layer (W1, b1) or every weight")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--png", type=Path, help="sample grids (5 per class) of the --show rows, side by side")
+    ap.add_argument("--show", default="2,0.7,0 1,1,0.5 1,1.1,0.3")
+    args = ap.parse_args()
+    tok = load_tokenizer(args.run / "tokenizer.safetensors")
+    if tok.offsets != "none" or tok.order != "input_first":
+        raise SystemExit(f"{args.run}: the prior is on raw first-layer weights; this run's tokens are "
+                         f"offsets = {tok.offsets}, order = {tok.order}")
+    tokens, labels = load_tokens(args.run, tok.id)
+    train = torch.tensor(load_split(args.run)["train"], dtype=torch.long)
+    first = tok.spec.layer_params[0] if args.prior_on == "first" else tok.spec.num_params
+    prior = FirstLayerPrior(tok.codebook[tokens[train, :first]], labels[train], tok.codebook)
+    model, _ = load_checked_model(args.run, tok.vocab, tok.spec, tok.id)
+    model.eval()
+    classes = sorted(prior.mean)
+    shown_keys = set(parse_grid(args.show))
+    results, shown = [], {}
+    print(f"{PER_CLASS} samples per class vs the held-out fields; the prior covers the first {first} weights; "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'':42} {'accuracy':>8} {'MMD':>7} {'COV':>6} {'1-NNA':>6} {'divers.':>7} {'near-copy':>9} {'s':>4}")
+    for g, t, lam in parse_grid(args.grid):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(args.seed)
+        out = torch.cat([decode(model, tok, prior, c, PER_CLASS, g, t, lam, gen) for c in classes])
+        lab = torch.tensor(classes).repeat_interleave(PER_CLASS)
+        r = {"guidance": g, "temperature": t, "prior_weight": lam, **score(args.run, tok, out, lab),
+             "seconds": time.perf_counter() - t0}
+        results.append(r)
+        if (g, t, lam) in shown_keys:
+            shown[row_name(g, t, lam)] = (out, lab)
+        print(f"{row_name(g, t, lam):42} {r['accuracy']:8.1%} {r['mmd']:7.4f} {r['cov']:6.1%} {r['1nna']:6.1%} "
+              f"{r['diversity_ratio']:7.3f} {r['near_copy_rate']:9.1%} {r['seconds']:4.0f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"run": str(args.run), "seed": args.seed, "per_class": PER_CLASS,
+                                         "prior_on": args.prior_on, "prior_positions": first,
+                                         "rows": results}, indent=2) + "\n")
+        print(f"json: {args.json}")
+    if args.png and shown:
+        save_side_by_side(args.png, tok, shown)
+        print(f"png: {args.png}")
+
+
+if __name__ == "__main__":
+    main()
