@@ -2,7 +2,7 @@
 
 benchmarks/layer_oracle.py showed that the samples fall short in the first layer (W1, b1): given a real one, the
 GPT draws the rest well. The Gaussian baseline captures the first layer's correlations in one covariance, so this
-samples from the product of the two on those positions:
+samples from the product of the two on those positions (nefgpt.weight_prior, `sample.prior_weight`):
 
     logits_i  +=  lam * log N(v_c ; m_i, s_i^2)      for each code value v_c, at first-layer position i,
 
@@ -32,70 +32,22 @@ from PIL import Image, ImageDraw
 
 from layer_oracle import score
 from nefgpt import field
-from nefgpt.baselines.gaussian import fit_gaussian
 from nefgpt.checkpoint import load_checked_model
 from nefgpt.codebook import Tokenizer, load_tokenizer, load_tokens
 from nefgpt.figures import save_sample_grid
-from nefgpt.generate import condition_tokens, filter_logits
-from nefgpt.model import GPT, KVCache
+from nefgpt.generate import generate
 from nefgpt.split import load_split
+from nefgpt.weight_prior import FirstLayerPrior
 
 PER_CLASS = 50
 DEFAULT_GRID = "1,1,0 1,1,0.5 1,1,1 1,1.1,0.3 1,1.2,0.5 1,1.3,1 2,0.8,0 2,0.8,0.5 2,0.7,0"
 
 
-class FirstLayerPrior:
-    """Per-class Gaussians on the first `n` weights, evaluated one position at a time while decoding."""
-
-    def __init__(self, weights: torch.Tensor, labels: torch.Tensor, values: torch.Tensor):
-        self.n = weights.shape[1]
-        self.values = values.double()  # (K,) each code's weight value
-        self.mean, self.chol = {}, {}
-        for c in labels.unique().tolist():
-            g = fit_gaussian(weights[labels == c])
-            cov = g["std"][:, None] * (g["eigvecs"] * g["eigvals"]) @ g["eigvecs"].T * g["std"][None, :]
-            cov = (cov + cov.T) / 2 + 1e-10 * torch.eye(self.n, dtype=torch.float64)
-            self.mean[c], self.chol[c] = g["mean"], torch.linalg.cholesky(cov)
-
-    def start(self, c: int, b: int) -> torch.Tensor:
-        """The whitened values decoded so far, (b, n): none yet."""
-        return torch.zeros(b, self.n, dtype=torch.float64)
-
-    def log_density(self, c: int, z: torch.Tensor, i: int) -> torch.Tensor:
-        """log N(v; m_i, s_i^2) of every code value v, up to a constant, (b, K)."""
-        m = self.mean[c][i] + z[:, :i] @ self.chol[c][i, :i]
-        s = self.chol[c][i, i]
-        return (-0.5 * ((self.values[None] - m[:, None]) / s) ** 2).float()
-
-    def observe(self, c: int, z: torch.Tensor, i: int, codes: torch.Tensor) -> None:
-        m = self.mean[c][i] + z[:, :i] @ self.chol[c][i, :i]
-        z[:, i] = (self.values[codes] - m) / self.chol[c][i, i]
-
-
-@torch.no_grad()
-def decode(model: GPT, tok: Tokenizer, prior: FirstLayerPrior, c: int, n: int, guidance: float, temperature: float,
+def decode(model, tok: Tokenizer, prior: FirstLayerPrior, c: int, n: int, guidance: float, temperature: float,
            lam: float, gen: torch.Generator) -> torch.Tensor:
-    """n code sequences of class c; the conditional and null-class halves share one cache, as in generate()."""
-    vocab, p = tok.vocab, tok.spec.num_params
-    cond = condition_tokens(torch.full((n,), c), vocab)
-    cond = torch.cat([cond, torch.full_like(cond, vocab.sos)])
-    seq = torch.stack([torch.full_like(cond, vocab.sos), cond], dim=1)
-    cache = KVCache(model.config, seq.shape[0], "cpu", next(model.parameters()).dtype)
-    raw = model(seq, cache, 0)[:, -1]
-    z = prior.start(c, n)
-    out = torch.empty(n, p, dtype=torch.long)
-    for i in range(p):
-        with_class, null = raw[:n].float(), raw[n:].float()
-        logits = null + guidance * (with_class - null)
-        if lam and i < prior.n:
-            logits = logits + lam * prior.log_density(c, z, i)
-        nxt = torch.multinomial(filter_logits(logits, temperature, 0, 1.0, 0.0), 1, generator=gen)
-        out[:, i] = nxt[:, 0]
-        if i < prior.n:
-            prior.observe(c, z, i, nxt[:, 0])
-        if i + 1 < p:
-            raw = model(nxt.repeat(2, 1), cache, 2 + i)[:, -1]
-    return out
+    """n code sequences of class c, through the package's sampler (nefgpt.generate with sample.prior_weight)."""
+    return generate(model, torch.full((n,), c), tok.vocab, tok.spec.num_params, temperature, 0, 1.0, gen,
+                    guidance=guidance, prior=prior, prior_weight=lam)
 
 
 def parse_grid(text: str) -> list[tuple[float, float, float]]:
@@ -142,10 +94,10 @@ def main() -> None:
     tokens, labels = load_tokens(args.run, tok.id)
     train = torch.tensor(load_split(args.run)["train"], dtype=torch.long)
     first = tok.spec.layer_params[0] if args.prior_on == "first" else tok.spec.num_params
-    prior = FirstLayerPrior(tok.codebook[tokens[train, :first]], labels[train], tok.codebook)
+    prior = FirstLayerPrior.fit(tok.codebook[tokens[train, :first]], labels[train], tok.vocab.num_classes, tok.codebook)
     model, _ = load_checked_model(args.run, tok.vocab, tok.spec, tok.id)
     model.eval()
-    classes = sorted(prior.mean)
+    classes = sorted(labels[train].unique().tolist())
     shown_keys = set(parse_grid(args.show))
     results, shown = [], {}
     print(f"{PER_CLASS} samples per class vs the held-out fields; the prior covers the first {first} weights; "

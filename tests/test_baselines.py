@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nefgpt.artifacts import load_checkpoint, load_tensors
-from nefgpt import trainer
+from nefgpt import gaussian_fit, trainer
 from nefgpt.baselines import diffusion, gaussian, marginals
 from nefgpt.baselines.common import load_fields
 from nefgpt.cli import main
@@ -122,21 +122,21 @@ def test_gaussian_moments_match_the_shrunk_estimate(shrinkage):
     p = 5
     mixing = torch.randn(p, p, generator=g, dtype=torch.float64)
     data = torch.randn(400, p, generator=g, dtype=torch.float64) @ mixing + torch.arange(p)
-    model = gaussian.fit_gaussian(data, "full", shrinkage)
+    model = gaussian_fit.fit_gaussian(data, "full", shrinkage)
     x = gaussian.draw(model, 200_000, torch.Generator().manual_seed(1))
     s = torch.cov(data.T, correction=0)
     target = (1 - shrinkage) * s + shrinkage * torch.diag(torch.diag(s))
     scale = torch.outer(s.diag().sqrt(), s.diag().sqrt())
     assert ((x.mean(0) - data.mean(0)) / s.diag().sqrt()).abs().max() < 0.02
     assert ((torch.cov(x.T) - target) / scale).abs().max() < 0.02
-    diag = gaussian.draw(gaussian.fit_gaussian(data, "diag"), 200_000, torch.Generator().manual_seed(2))
+    diag = gaussian.draw(gaussian_fit.fit_gaussian(data, "diag"), 200_000, torch.Generator().manual_seed(2))
     assert ((torch.cov(diag.T) - torch.diag(s.diag())) / scale).abs().max() < 0.02
 
 
 def test_gaussian_nll_matches_the_density():
     g = torch.Generator().manual_seed(0)
     data = torch.randn(50, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 4, generator=g, dtype=torch.float64)
-    model = gaussian.fit_gaussian(data, "full", 0.2)
+    model = gaussian_fit.fit_gaussian(data, "full", 0.2)
     s = torch.cov(data.T, correction=0)
     cov = 0.8 * s + 0.2 * torch.diag(s.diag())
     ref = -torch.distributions.MultivariateNormal(data.mean(0), cov).log_prob(data) / 4
@@ -151,10 +151,10 @@ def test_ledoit_wolf_shrinks_noise_and_keeps_strong_correlation():
         return x / x.std(0, correction=0)
 
     independent = standardized(torch.randn(20, 60, generator=g, dtype=torch.float64))
-    assert gaussian.ledoit_wolf_diagonal(independent) > 0.8
+    assert gaussian_fit.ledoit_wolf_diagonal(independent) > 0.8
     z = torch.randn(5000, 1, generator=g, dtype=torch.float64)
     correlated = standardized(z + 0.1 * torch.randn(5000, 5, generator=g, dtype=torch.float64))
-    assert gaussian.ledoit_wolf_diagonal(correlated) < 0.01
+    assert gaussian_fit.ledoit_wolf_diagonal(correlated) < 0.01
 
 
 # ---------------------------------------------------------------- copy + noise

@@ -138,6 +138,8 @@ def test_bad_overrides_raise_usage_error(item, word):
     ("fit.init_l2=nan", "fit.init_l2"),
     ("fit.augment_shifts=-1", "fit.augment_shifts"),
     ("fit.augment_shifts=9", "fit.augment_shifts"),
+    ("sample.prior_weight=-0.5", "sample.prior_weight"),
+    ("tune.prior_weights=[nan]", "tune.prior_weights"),
     ("train.max_iters=-1", "train.max_iters"),
     ("train.warmup_iters=-1", "train.warmup_iters"),
     ("tokenize.max_iters=-1", "tokenize.max_iters"),

@@ -39,7 +39,7 @@ def test_candidate_settings_cover_the_grid_in_order_without_duplicates():
     cfg = TuneConfig(temperatures=[0.8, 1.0], top_ks=[0, 3, 3], top_ps=[1.0, 0.9])
     settings = candidate_settings(cfg, num_codes=245)
     assert len(settings) == 8
-    off = {"min_p": 0.0, "guidance": 1.0, "oversample": 1.0}
+    off = {"min_p": 0.0, "guidance": 1.0, "oversample": 1.0, "prior_weight": 0.0}
     assert settings[0] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0, **off}
     assert settings[1] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, **off}
     assert settings[-1] == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, **off}
@@ -150,12 +150,12 @@ def test_without_an_eligible_setting_the_most_accurate_wins():
 def test_table_has_one_line_per_setting_and_the_best_in_bold():
     rows = [row(k=0, p=1.0, accuracy=0.5), {**row(k=3, p=0.9, accuracy=0.94), "min_p": 0.05, "diversity_ratio": 0.8}]
     lines = format_table(rows, 1, "nna_gap").splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| guidance | T | top-k | top-p | min-p | oversample |")
+    assert len(lines) == 4 and lines[0].startswith("| guidance | T | top-k | top-p | min-p | oversample | prior |")
     assert "| diversity | nna_gap |" in lines[0]
     # A row without min-p or diversity (a tune.json from before they were tuned) shows them as off / unknown.
-    assert "**" not in lines[2] and lines[2].startswith("| 1 | 1 | – | – | – | – | 50.0% |")
+    assert "**" not in lines[2] and lines[2].startswith("| 1 | 1 | – | – | – | – | – | 50.0% |")
     assert lines[2].endswith("| – | 0.0000 |")
-    assert lines[3].startswith("| **1** | **1** | **3** | **0.9** | **0.05** | **–** | **94.0%** |")
+    assert lines[3].startswith("| **1** | **1** | **3** | **0.9** | **0.05** | **–** | **–** | **94.0%** |")
     assert lines[3].endswith("| **0.800** | **0.0000** |")
 
 
@@ -163,11 +163,11 @@ def test_load_best_setting_reads_types_and_names_a_bad_file(tmp_path):
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 1, "top_k": 3.0, "top_p": 0.9, "accuracy": 0.9}})
     # A tune.json written before guidance, min-p and oversampling were tuned means plain conditional sampling.
     assert load_best_setting(tmp_path) == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "min_p": 0.0, "guidance": 1.0,
-                                           "oversample": 1.0}
+                                           "oversample": 1.0, "prior_weight": 0.0}
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 0.7, "top_k": 0, "top_p": 1, "min_p": 0.1,
                                               "guidance": 2, "oversample": 3}})
     assert load_best_setting(tmp_path) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "guidance": 2.0,
-                                           "oversample": 3.0}
+                                           "oversample": 3.0, "prior_weight": 0.0}
     save_json(tmp_path / TUNE_FILE, {"settings": []})
     with pytest.raises(ArtifactError, match="tune.json"):
         load_best_setting(tmp_path)
@@ -214,7 +214,8 @@ TOY = [
     "train.batch_size=8", "train.warmup_iters=2", "train.eval_interval=3", "train.ckpt_interval=3",
     "sample.n_per_class=2", "evaluate.classifier_epochs=1",
     "tune.temperatures=[0.5, 1.0]", "tune.top_ks=[0, 2]", "tune.top_ps=[1.0]", "tune.min_accuracy=0.0",
-    "tune.guidances=[1.0]", "tune.min_ps=[0.0]", "tune.max_minutes=0", "tune.objective=nna_gap", "train.p_uncond=0.0",
+    "tune.guidances=[1.0]", "tune.prior_weights=[0.0]", "tune.min_ps=[0.0]", "tune.max_minutes=0",
+    "tune.objective=nna_gap", "train.p_uncond=0.0",
 ]
 
 
@@ -251,7 +252,7 @@ def run_copy(tuned, tmp_path) -> Path:
 
 def sampling_used(run: Path) -> dict:
     meta = load_tensors(run / "samples.safetensors")[1]["sampling"]
-    return {k: meta[k] for k in ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample", "use_tuned")}
+    return {k: meta[k] for k in ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample", "prior_weight", "use_tuned")}
 
 
 def test_tune_writes_every_setting_and_the_best(tuned):
@@ -297,7 +298,8 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
     rc, err = call("tune", "--out", run_copy, "--quiet",
                    *sets("tune.temperatures=[0.6]", "tune.top_ks=[1]", "tune.top_ps=[0.8]"))
     assert rc == 0, err
-    tuned = {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0}
+    tuned = {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0,
+             "prior_weight": 0.0}
     assert load_best_setting(run_copy) == tuned
     rc, err = call("sample", "--out", run_copy, "--quiet")
     assert rc == 0 and "[sample] running" in err, err
@@ -322,7 +324,7 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
     assert rc == 0, err
     # (config.json's own values: the fallback, with the values given by hand above)
     assert sampling_used(run_copy) == {"temperature": 0.9, "top_k": 4, "top_p": 1.0, "min_p": 0.1, "guidance": 1.0,
-                                       "oversample": 1.0, "use_tuned": False}
+                                       "oversample": 1.0, "prior_weight": 0.0, "use_tuned": False}
 
 
 def test_evaluate_writes_its_figures(run_copy):
@@ -430,3 +432,17 @@ def test_balanced_objective_adds_the_diversity_gap(run_copy):
     for r in rows:
         assert r["objective"] == pytest.approx(abs(r["1nna"] - 0.5) + abs(1 - r["diversity_ratio"]))
     assert result["best"]["objective"] == min(r["objective"] for r in rows)
+
+
+def test_the_first_layer_prior_is_tuned_and_sampled(run_copy):
+    rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets("tune.prior_weights=[0, 0.5]",
+                                                                          "tune.temperatures=[1.0]", "tune.top_ks=[0]"))
+    assert rc == 0, err
+    rows = json.loads((run_copy / TUNE_FILE).read_text())["settings"]
+    assert [r["prior_weight"] for r in rows] == [0.0, 0.5]
+    assert "| prior |" in (run_copy / TUNE_TABLE_FILE).read_text()
+    rc, err = call("sample", "--out", run_copy, "--quiet", "--prior-weight", "2")
+    assert rc == 0, err
+    assert sampling_used(run_copy) == {**load_best_setting(run_copy), "prior_weight": 2.0, "use_tuned": True}
+    rc, err = call("sample", "--out", run_copy, "--quiet", "--prior-weight", "-1")
+    assert rc == 2 and "prior_weight must be a finite number >= 0" in err

@@ -52,7 +52,7 @@ def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
 
 def _sample_overrides(args: argparse.Namespace) -> dict:
     names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-             "oversample": "oversample", "n": "n_per_class", "seed": "seed"}
+             "oversample": "oversample", "prior_weight": "prior_weight", "n": "n_per_class", "seed": "seed"}
     return {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src, None) is not None}
 
 
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--oversample", type=float,
                            help="draw this many candidates per field and keep those the model places most "
                                 "clearly in their class (1 = off)")
+            p.add_argument("--prior-weight", dest="prior_weight", type=float,
+                           help="multiply a per-class Gaussian on the first layer into the model, to this power "
+                                "(0 = off)")
             p.add_argument("-n", type=int, help="samples per class")
             p.add_argument("--seed", type=int, help="sampling seed")
         if name == "sample":

@@ -149,6 +149,9 @@ class SampleConfig:
     # in their class: log p(w | c) - log p(w | null) (nefgpt.generate.draw_tokens). 1 is off; > 1 needs the null
     # class (train.p_uncond > 0) and costs that many times the sampling time.
     oversample: float = 1.0
+    # Adds this many times a per-class Gaussian's log-density of each code value to the logits of the first layer's
+    # weights (nefgpt.weight_prior), fitted on the run's training tokens; 0 is off.
+    prior_weight: float = 0.0
     batch_size: int = 250
     seed: int = 0
 
@@ -165,6 +168,7 @@ class TuneConfig:
     guidances: list[float] = field(default_factory=lambda: [1.0])
     min_ps: list[float] = field(default_factory=lambda: [0.0])  # min-p thresholds; 0 is off
     oversamples: list[float] = field(default_factory=lambda: [1.0])  # sample.oversample values; 1 is off
+    prior_weights: list[float] = field(default_factory=lambda: [0.0])  # sample.prior_weight values; 0 is off
     search: str = "grid"  # grid | random
     budget: int = 0  # at most this many settings (random search draws them); 0 = the whole grid
     # Wall-clock budget of the stage in minutes (0 = none): settings are tried in order and no new one starts

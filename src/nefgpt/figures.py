@@ -89,16 +89,17 @@ def _annotated_map(ax, values: np.ndarray, text: list[list[str]], cmap: str, vmi
 
 
 # The sampling dimensions of tune.json rows, with their defaults for files written before they were tuned.
-_TUNE_DIMS = {"top_k": 0, "temperature": 1.0, "guidance": 1.0, "min_p": 0.0, "top_p": 1.0, "oversample": 1.0}
+_TUNE_DIMS = {"top_k": 0, "temperature": 1.0, "guidance": 1.0, "min_p": 0.0, "top_p": 1.0, "oversample": 1.0,
+              "prior_weight": 0.0}
 _TUNE_LABELS = {"top_k": "top-k", "temperature": "temperature", "guidance": "guidance", "min_p": "min-p",
-                "top_p": "top-p", "oversample": "oversample"}
+                "top_p": "top-p", "oversample": "oversample", "prior_weight": "prior weight"}
 
 
 def _tune_axes(rows: list[dict]) -> tuple[str, str]:
     """(row dimension, column dimension) of the tuning heatmap: the dimensions that vary.
 
     Columns are top-k when it varies (else the second varying dimension); rows are the first other varying
-    dimension in the order temperature, guidance, min-p, top-p, oversample.
+    dimension in the order temperature, guidance, min-p, top-p, oversample, prior weight.
     """
     value = lambda r, d: r.get(d, _TUNE_DIMS[d])  # noqa: E731
     varying = [d for d in _TUNE_DIMS if len({value(r, d) for r in rows}) > 1]
@@ -111,7 +112,7 @@ def _tune_axes(rows: list[dict]) -> tuple[str, str]:
 def _tick(dim: str, v: float) -> str:
     if dim == "top_k":
         return str(v) if v else "off"
-    if (dim == "min_p" and v == 0) or (dim in ("top_p", "oversample") and v == 1):
+    if (dim in ("min_p", "prior_weight") and v == 0) or (dim in ("top_p", "oversample") and v == 1):
         return "off"
     return f"{v:g}"
 

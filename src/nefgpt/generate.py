@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .errors import UsageError
 from .model import GPT, KVCache
 from .codebook import Vocab
+from .weight_prior import FirstLayerPrior
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -86,7 +87,8 @@ def check_guidance(value: float, trained: dict, where: str, key: str = "guidance
 @torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
              top_p: float, generator: torch.Generator, use_cache: bool = True, guidance: float = 1.0,
-             min_p: float = 0.0, prefix: torch.Tensor | None = None) -> torch.Tensor:
+             min_p: float = 0.0, prefix: torch.Tensor | None = None, prior: FirstLayerPrior | None = None,
+             prior_weight: float = 0.0) -> torch.Tensor:
     """Code tokens (B, num_weights) for class labels (B,); label -1 is the null class (unconditional).
 
     With guidance g != 1 the B conditional and B null-class sequences run as one batch of 2B (one cache) and
@@ -95,15 +97,19 @@ def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, t
 
     ``prefix`` (B, m) gives the first m tokens (in sequence order) and the model draws only the rest: a field
     completed from given weights, as benchmarks/layer_oracle.py does to find which layer the samples fall short in.
+
+    With ``prior_weight`` > 0, ``prior_weight`` times the class Gaussian's log-density of each code value
+    (nefgpt.weight_prior) is added to the (guided) logits at the prior's positions, before the temperature.
     """
     return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, use_cache, guidance,
-                   min_p, score=False, prefix=prefix)[0]
+                   min_p, score=False, prefix=prefix, prior=prior, prior_weight=prior_weight)[0]
 
 
 @torch.no_grad()
 def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float,
                     top_k: int, top_p: float, generator: torch.Generator, guidance: float = 1.0,
-                    min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    min_p: float = 0.0, prior: FirstLayerPrior | None = None,
+                    prior_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """generate's tokens, and each sequence's class score ``log p(w | c) - log p(w | null)`` (B,).
 
     The score is the model's own implicit classifier: with the null class as the class marginal it is
@@ -112,14 +118,20 @@ def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights:
     the null-class half this needs is the one guidance already runs (at guidance 1 it is run for the score).
     """
     return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, True, guidance, min_p,
-                   score=True)
+                   score=True, prior=prior, prior_weight=prior_weight)
 
 
 def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
             top_p: float, generator: torch.Generator, use_cache: bool, guidance: float, min_p: float,
-            score: bool, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            score: bool, prefix: torch.Tensor | None = None, prior: FirstLayerPrior | None = None,
+            prior_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     device = next(model.parameters()).device
     b = labels.shape[0]
+    use_prior = prior_weight > 0
+    if use_prior and prior is None:
+        raise UsageError("sample.prior_weight > 0 needs the run's first-layer prior (nefgpt.weight_prior.run_prior)")
+    if use_prior and int(labels.min()) < 0:
+        raise UsageError("sample.prior_weight > 0 is a class's Gaussian, so it needs class labels, not the null class")
     given = 0 if prefix is None else prefix.shape[1]
     if prefix is not None and (prefix.ndim != 2 or prefix.shape[0] != b or given > num_weights):
         raise ValueError(f"prefix must be ({b}, m <= {num_weights}) tokens, got {tuple(prefix.shape)}")
@@ -149,9 +161,18 @@ def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, te
         seq = torch.cat([seq, out[:, :given]], dim=1)  # the given tokens are read, never scored
     cache = KVCache(model.config, seq.shape[0], device, next(model.parameters()).dtype) if use_cache else None
     raw = model(seq, cache, 0)[:, -1]
+    if use_prior:
+        prior_labels, z = labels.long().cpu(), prior.start(b)
+        for j in range(min(given, prior.n)):
+            prior.observe(prior_labels, z, j, out[:b, j].cpu())
     for i in range(given, num_weights):
-        probs = filter_logits(mix(raw), temperature, top_k, top_p, min_p)
+        logits = mix(raw)
+        if use_prior and i < prior.n:
+            logits = logits + prior_weight * prior.log_density(prior_labels, z, i).to(logits.device)
+        probs = filter_logits(logits, temperature, top_k, top_p, min_p)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
+        if use_prior and i < prior.n:
+            prior.observe(prior_labels, z, i, nxt[:b, 0].cpu())
         if paired:
             nxt = nxt.repeat(2, 1)
         if score:
@@ -172,7 +193,8 @@ def trained_config(ckpt: dict) -> dict:
 
 
 def draw_tokens(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, setting: dict,
-                generator: torch.Generator, batch_size: int, progress: bool = False) -> torch.Tensor:
+                generator: torch.Generator, batch_size: int, progress: bool = False,
+                prior: FirstLayerPrior | None = None) -> torch.Tensor:
     """Code tokens (N, num_weights) for labels (N,) at a sampling setting, generated in batches of batch_size.
 
     ``setting`` has the SAMPLING_KEYS. With ``oversample`` r > 1, each class draws ceil(r k) candidates
@@ -194,7 +216,8 @@ def draw_tokens(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int
     for batch in tqdm(cand_labels.split(batch_size), desc="sample", disable=not progress):
         args = (model, batch, vocab, num_weights, setting["temperature"], setting["top_k"], setting["top_p"],
                 generator)
-        kw = {"guidance": setting["guidance"], "min_p": setting["min_p"]}
+        kw = {"guidance": setting["guidance"], "min_p": setting["min_p"], "prior": prior,
+              "prior_weight": setting.get("prior_weight", 0.0)}
         if over == 1:
             tokens.append(generate(*args, **kw).cpu())
         else:

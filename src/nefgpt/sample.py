@@ -23,6 +23,7 @@ from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples
 from .codebook import Vocab, load_tokenizer
+from .weight_prior import FirstLayerPrior, run_prior
 
 
 # Sampling time per field when the run has none measured: a conservative CPU figure (the demo GPT measured
@@ -84,17 +85,19 @@ def _duration(seconds: float) -> str:
 
 
 def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleConfig, labels: list[int] | None,
-         where: str, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+         where: str, progress: bool = False, prior: FirstLayerPrior | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(tokens (N, num_weights), labels (N,), conditioned): cfg.n_per_class fields for each of `labels`
     (None: every class), in that order, as the `sample` stage draws them.
 
     The one place that lays out the labels, seeds the generator (cfg.seed) and batches generation
     (cfg.batch_size: the batching decides which random draws each field gets), so the stage and
     nefgpt.api give the same tokens for the same labels, seed and setting. `trained` is the checkpoint's
-    train config and `where` names the checkpoint in messages.
+    train config and `where` names the checkpoint in messages; `prior` is the run's first-layer prior, which
+    cfg.prior_weight > 0 needs.
     """
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p,
-                   oversample=cfg.oversample)
+                   oversample=cfg.oversample, prior_weight=cfg.prior_weight)
     check_guidance(cfg.guidance, trained, where)
     check_guidance(cfg.oversample, trained, where, key="oversample")
     conditioned = trained.get("conditioning", "class") == "class"
@@ -111,7 +114,10 @@ def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleC
     conditions = all_labels if conditioned else torch.full_like(all_labels, -1)
     gen = torch.Generator().manual_seed(cfg.seed)
     setting = {k: getattr(cfg, k) for k in SAMPLING_KEYS}
-    tokens = draw_tokens(model, conditions, vocab, num_weights, setting, gen, cfg.batch_size, progress)
+    if cfg.prior_weight > 0 and not conditioned:
+        raise UsageError(f"sample.prior_weight > 0 is a class's Gaussian, but {where} is an unconditional model "
+                         "(train.conditioning = none); use prior_weight 0")
+    tokens = draw_tokens(model, conditions, vocab, num_weights, setting, gen, cfg.batch_size, progress, prior)
     return tokens, all_labels, conditioned
 
 
@@ -120,11 +126,12 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     vocab, spec, tok_id = tok.vocab, tok.spec, tok.id
     # Checked before the model loads too (draw checks again), so a bad setting is refused first.
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p,
-                   oversample=cfg.oversample)
+                   oversample=cfg.oversample, prior_weight=cfg.prior_weight)
     model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
+    prior = run_prior(run_dir, tok) if cfg.prior_weight > 0 else None
     t0 = time.perf_counter()
     tokens, all_labels, conditioned = draw(model, vocab, spec.num_params, trained_config(ckpt), cfg, labels,
-                                           str(run_dir / CKPT_FILE), progress)
+                                           str(run_dir / CKPT_FILE), progress, prior)
     meta = {"tokenizer_id": tok_id, "sampling": vars(cfg).copy(), "conditioned": conditioned,
             "seconds_per_field": (time.perf_counter() - t0) / max(len(all_labels), 1)}
     save_samples(run_dir, spec, tok.decode(tokens), all_labels, meta,

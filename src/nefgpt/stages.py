@@ -106,7 +106,7 @@ SAMPLING_ONLY = {("regression", "noise"), ("diffusion", "sample_steps"), ("diffu
 # Settings added after runs existed, with the value that does what those runs did: left out of the fingerprint
 # at that value, so a run directory made before the setting existed stays fresh.
 ADDED_LATER = {("fit", "init_l2"): 0.0, ("fit", "augment_shifts"): 0, ("train", "first_layer_weight"): 1.0,
-               ("tokenize", "order"): "input_first"}
+               ("tokenize", "order"): "input_first", ("sample", "prior_weight"): 0.0, ("tune", "prior_weights"): [0.0]}
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:

@@ -1,5 +1,5 @@
-"""Stage `tune`: search sampling settings (guidance x temperature x top-k x top-p x min-p x oversample) on the
-tuning split.
+"""Stage `tune`: search sampling settings (guidance x prior weight x temperature x top-k x top-p x min-p x
+oversample) on the tuning split.
 
 Each setting samples the same number of fields per class with the trained GPT,
 renders them, and scores them against the rendered fields of the tuning split
@@ -46,6 +46,7 @@ from .generate import check_guidance, draw_tokens, trained_config
 from .layout import CKPT_FILE, SPLIT_FILE, TOKENIZER_FILE, TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
 from .split import balanced_indices, load_split_images
 from .codebook import load_tokenizer
+from .weight_prior import run_prior
 
 # Fixed rather than sample.batch_size: how samples are batched decides which random draws each one gets,
 # and the tuning result should depend on the [tune] settings alone.
@@ -53,17 +54,17 @@ BATCH_SIZE = 250
 
 
 def load_best_setting(run_dir: Path) -> dict:
-    """The chosen {temperature, top_k, top_p, min_p, guidance, oversample} of a run's tune.json.
+    """The chosen {temperature, top_k, top_p, min_p, guidance, oversample, prior_weight} of a run's tune.json.
 
-    tune.json files written before guidance, min-p or oversampling were tuned mean guidance 1, min-p 0 and
-    oversample 1 (off).
+    tune.json files written before guidance, min-p, oversampling or the prior were tuned mean guidance 1, min-p 0,
+    oversample 1 and prior weight 0 (off).
     """
     path = run_dir / TUNE_FILE
     try:
         best = load_json(path)["best"]
         return {"temperature": float(best["temperature"]), "top_k": int(best["top_k"]), "top_p": float(best["top_p"]),
                 "min_p": float(best.get("min_p", 0.0)), "guidance": float(best.get("guidance", 1.0)),
-                "oversample": float(best.get("oversample", 1.0))}
+                "oversample": float(best.get("oversample", 1.0)), "prior_weight": float(best.get("prior_weight", 0.0))}
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"{path}: no valid 'best' sampling setting; rerun `nefgpt tune --force`") from None
 
@@ -87,10 +88,10 @@ def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     """The settings to try, in the order they are tried; all are checked (check_tune) before any sampling starts."""
     check_tune(cfg, num_codes)
     grid = []
-    for g, t, k, p, m, r in itertools.product(cfg.guidances, cfg.temperatures, cfg.top_ks, cfg.top_ps, cfg.min_ps,
-                                              cfg.oversamples):
+    for g, w, t, k, p, m, r in itertools.product(cfg.guidances, cfg.prior_weights, cfg.temperatures, cfg.top_ks,
+                                                 cfg.top_ps, cfg.min_ps, cfg.oversamples):
         setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p), "min_p": float(m),
-                   "guidance": float(g), "oversample": float(r)}
+                   "guidance": float(g), "oversample": float(r), "prior_weight": float(w)}
         if setting not in grid:
             grid.append(setting)
     if cfg.search == "random":
@@ -137,14 +138,16 @@ def format_table(rows: list[dict], best: int, objective: str) -> str:
     def fmt(value: float | None, spec: str) -> str:
         return "–" if value is None or not math.isfinite(value) else format(value, spec)
 
-    # min-p, diversity and guidance are read with defaults: tune.json files written before they were tuned lack them.
-    lines = [f"| guidance | T | top-k | top-p | min-p | oversample | accuracy | CE | MMD | COV | 1-NNA | diversity "
-             f"| {objective} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # min-p, diversity, guidance and the prior are read with defaults: tune.json files written before they were
+    # tuned lack them.
+    lines = [f"| guidance | T | top-k | top-p | min-p | oversample | prior | accuracy | CE | MMD | COV | 1-NNA "
+             f"| diversity | {objective} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         cells = [f"{r.get('guidance', 1.0):g}", f"{r['temperature']:g}", fmt_k(r["top_k"]),
                  f"{r['top_p']:g}" if r["top_p"] < 1 else "–",
                  f"{r.get('min_p', 0.0):g}" if r.get("min_p", 0.0) > 0 else "–",
                  f"{r.get('oversample', 1.0):g}" if r.get("oversample", 1.0) > 1 else "–",
+                 f"{r.get('prior_weight', 0.0):g}" if r.get("prior_weight", 0.0) > 0 else "–",
                  f"{r['accuracy']:.1%}", f"{r['cross_entropy']:.3f}", f"{r['mmd']:.4f}", f"{r['cov']:.1%}",
                  f"{r['1nna']:.1%}", fmt(r.get("diversity_ratio"), ".3f"), fmt(r.get("objective"), ".4f")]
         if i == best:
@@ -176,6 +179,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     for key in ("guidance", "oversample"):
         for value in {s[key] for s in settings}:
             check_guidance(value, trained_config(ckpt), str(run_dir / CKPT_FILE), key=key)
+    prior = run_prior(run_dir, tok) if any(s["prior_weight"] > 0 for s in settings) else None
     split, images, labels = load_split_images(run_dir)
     if images.shape[-1] != 28:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: tuning expects 28x28 images, the dataset has "
@@ -205,7 +209,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
             break
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(tc.seed)
-        tokens = draw_tokens(model, gen_labels, vocab, spec.num_params, setting, gen, BATCH_SIZE)
+        tokens = draw_tokens(model, gen_labels, vocab, spec.num_params, setting, gen, BATCH_SIZE, prior=prior)
         images_gen = field.render(spec, tok.decode(tokens), 28)
         scores = score_images(clf, images_gen, gen_labels)
         row = {**setting, **metrics.set_metrics(images_gen, ref), "accuracy": scores["accuracy"],

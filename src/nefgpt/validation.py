@@ -49,7 +49,8 @@ MAX_OVERSAMPLE = 100  # candidates per field kept: beyond this the sampling time
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
-                   min_p: float = 0.0, prefix: str = "", num_codes_name: str = "", oversample: float = 1.0) -> None:
+                   min_p: float = 0.0, prefix: str = "", num_codes_name: str = "", oversample: float = 1.0,
+                   prior_weight: float = 0.0) -> None:
     """The one check of the sampling values (config validation, `sample`, `tune` and the API all call it).
 
     ``prefix`` names their section in the messages ("sample."); ``num_codes_name`` names top-k's bound.
@@ -67,9 +68,11 @@ def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int,
         raise UsageError(f"{prefix}guidance must be a finite number >= 0, got {guidance}")
     if not (isinstance(oversample, (int, float)) and 1 <= oversample <= MAX_OVERSAMPLE):  # also refuses NaN
         raise UsageError(f"{prefix}oversample must be in [1, {MAX_OVERSAMPLE}] (1 is off), got {oversample}")
+    if not (isinstance(prior_weight, (int, float)) and math.isfinite(prior_weight) and prior_weight >= 0):
+        raise UsageError(f"{prefix}prior_weight must be a finite number >= 0 (0 is off), got {prior_weight}")
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample", "prior_weight")
 
 
 def check_choice(dotted: str, value: Any, choices: Any) -> None:
@@ -106,12 +109,13 @@ def check_vocab_size(num_codes: int, num_classes: int) -> None:
 
 
 _TUNE_LISTS = {"temperatures": "temperature", "top_ks": "top_k", "top_ps": "top_p", "min_ps": "min_p",
-               "guidances": "guidance", "oversamples": "oversample"}
+               "guidances": "guidance", "oversamples": "oversample", "prior_weights": "prior_weight"}
 
 
 def check_tune(cfg: TuneConfig, num_codes: int) -> None:
     """The one check of the [tune] settings: config validation and candidate_settings both call it."""
-    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0}
+    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0,
+               "prior_weight": 0.0}
     for name, key in _TUNE_LISTS.items():
         if not getattr(cfg, name):
             raise UsageError(f"tune.{name} must list at least one value")
@@ -169,7 +173,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     # config.json is saved and before `sample` clears its old outputs (`sample` and `tune` call the same check).
     s = cfg.sample
     check_sampling(s.temperature, s.top_k, s.top_p, cfg.tokenize.num_codes, s.guidance, s.min_p,
-                   prefix="sample.", num_codes_name="tokenize.num_codes", oversample=s.oversample)
+                   prefix="sample.", num_codes_name="tokenize.num_codes", oversample=s.oversample,
+                   prior_weight=s.prior_weight)
     unknown = [k for k in s.explicit if k not in SAMPLING_KEYS]
     if unknown:
         raise UsageError(f"sample.explicit lists {', '.join(unknown)}: not a sampling key ({', '.join(SAMPLING_KEYS)})")

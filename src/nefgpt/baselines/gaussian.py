@@ -22,52 +22,17 @@ import torch
 
 from ..config import RunConfig
 from ..errors import ArtifactError
+from ..gaussian_fit import fit_gaussian
 from ..layout import CKPT_FILE
 from .common import Fields, Fitted, check_range, load_fields, load_trained, sample_per_class, \
     train_in_one_pass
 
 KIND = "gaussian"
-_STD_FLOOR = 1e-8  # a class with one field has zero spread; keep its likelihood finite
 # A weight into a unit that is dead in every field of a class never moves from the anchor, so its class std is
 # ~0 and one held-out field where the unit lives gets a likelihood of ~0 (a mean NLL of 1e6). Flooring each
 # class std at this share of the position's std over all training fields bounds that and barely changes samples.
 STD_FLOOR_REL = 1e-2
 _EIG_FLOOR = 1e-10
-
-
-def ledoit_wolf_diagonal(y: torch.Tensor) -> float:
-    """Shrinkage weight toward the identity for standardized, centred data y (n, p).
-
-    Ledoit-Wolf's estimate of E||R - Sigma||^2 / ||R - I||^2 over the off-diagonal
-    entries (the diagonal of a correlation matrix needs no shrinking), clipped to [0, 1].
-    """
-    n = y.shape[0]
-    r = y.T @ y / n
-    off = ~torch.eye(r.shape[0], dtype=torch.bool)
-    delta = float((r[off] ** 2).sum())
-    y2 = y * y
-    beta = float(((y2.T @ y2)[off].sum() / n - (r[off] ** 2).sum()) / n)
-    if delta <= 0:
-        return 1.0
-    return min(max(beta / delta, 0.0), 1.0)
-
-
-def fit_gaussian(x: torch.Tensor, covariance: str = "full", shrinkage: float = -1.0,
-                 std_floor: torch.Tensor | float = _STD_FLOOR) -> dict[str, torch.Tensor]:
-    """Mean, stds, and eigenvectors/values of the shrunk correlation matrix of rows x (n, p), in float64."""
-    x = x.double()
-    n, p = x.shape
-    mean = x.mean(0)
-    std = torch.maximum(x.std(0, correction=0), torch.as_tensor(std_floor, dtype=torch.float64)).clamp_min(_STD_FLOOR)
-    if covariance == "diag" or n < 2:
-        return {"mean": mean, "std": std, "eigvecs": torch.eye(p, dtype=torch.float64),
-                "eigvals": torch.ones(p, dtype=torch.float64), "shrinkage": torch.tensor(1.0, dtype=torch.float64)}
-    y = (x - mean) / std
-    a = ledoit_wolf_diagonal(y) if shrinkage < 0 else shrinkage
-    corr = (1 - a) * (y.T @ y / n) + a * torch.eye(p, dtype=torch.float64)
-    eigvals, eigvecs = torch.linalg.eigh((corr + corr.T) / 2)
-    return {"mean": mean, "std": std, "eigvecs": eigvecs, "eigvals": eigvals.clamp_min(0),
-            "shrinkage": torch.tensor(a, dtype=torch.float64)}
 
 
 def draw(g: dict[str, torch.Tensor], n: int, generator: torch.Generator) -> torch.Tensor:
