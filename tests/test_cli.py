@@ -350,6 +350,10 @@ def test_sample_from_a_pretrained_model_folder(run_copy, tmp_path, monkeypatch):
     trained = torch.load(run_copy / "ckpt.pt", weights_only=True)
     assert not {"optimizer", "ema"} & set(shipped) and "ema" in trained  # the smoke run averages (cpu preset)
     assert all(torch.equal(shipped["model"][k], v) for k, v in trained["ema"]["shadow"].items())
+    # A run whose tuned setting uses the first-layer prior ships it fitted: the folder has no training tokens.
+    from nefgpt.layout import PRIOR_FILE
+    from nefgpt.tune import load_best_setting
+    assert (root / "toy" / PRIOR_FILE).exists() == (load_best_setting(run_copy)["prior_weight"] > 0)
     monkeypatch.setattr(pretrained, "models_root", lambda: root)
     out = tmp_path / "fresh"
     rc, _, err = call(["sample", "--pretrained", "toy", "--label", "3", "-n", "4", "--out", out, "--quiet"])

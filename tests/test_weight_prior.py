@@ -121,3 +121,20 @@ def test_run_prior_refuses_tokens_that_are_not_raw_weights_and_runs_without_toke
         run_prior(tmp_path, SimpleNamespace(offsets="none", order="output_first"))
     with pytest.raises(ArtifactError, match="tokens.safetensors"):
         run_prior(tmp_path, SimpleNamespace(offsets="none", order="input_first"))
+
+
+def test_a_saved_prior_is_what_run_prior_returns_and_must_match_the_tokenizer(tmp_path):
+    from types import SimpleNamespace
+
+    from nefgpt.errors import ArtifactError
+    from nefgpt.layout import PRIOR_FILE
+    from nefgpt.weight_prior import run_prior, save_prior
+
+    prior, _, _ = random_prior()
+    save_prior(tmp_path / PRIOR_FILE, prior, "abc")
+    tok = SimpleNamespace(id="abc", offsets="none", order="input_first", vocab=VOCAB)
+    loaded = run_prior(tmp_path, tok)
+    torch.testing.assert_close(loaded.mean, prior.mean.float().double())
+    torch.testing.assert_close(loaded.chol, prior.chol.float().double())
+    with pytest.raises(ArtifactError, match="another tokenizer"):
+        run_prior(tmp_path, SimpleNamespace(**{**vars(tok), "id": "xyz"}))

@@ -21,6 +21,7 @@ CHUNK_DIR = "fit_chunks"  # partial fits, so an interrupted fit resumes by chunk
 # tokenize
 TOKENIZER_FILE = "tokenizer.safetensors"
 TOKENS_FILE = "tokens.safetensors"
+PRIOR_FILE = "first_layer_prior.safetensors"  # only in shipped models, which carry no training tokens
 TOKENIZER_REPORT_FILE = "tokenizer.json"
 TOKENIZER_FIGURE_FILE = "tokenizer.png"
 

@@ -15,7 +15,11 @@ from pathlib import Path
 from .artifacts import load_checkpoint, save_checkpoint, write_bytes
 from .checkpoint import sampling_weights
 from .errors import UsageError
-from .layout import CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, GRID_FILE, METRICS_FILE, TOKENIZER_FILE, TUNE_FILE
+from .codebook import load_tokenizer
+from .layout import (CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, GRID_FILE, METRICS_FILE, PRIOR_FILE, TOKENIZER_FILE,
+                     TUNE_FILE)
+from .tune import load_best_setting
+from .weight_prior import run_prior, save_prior
 
 MODELS_DIR = "pretrained_models"
 # What `sample` needs, and what lets a user (and a test) check the recorded numbers.
@@ -44,7 +48,7 @@ def install(name: str, run_dir: Path) -> Path:
     """Copy the shipped model's files into `run_dir`, so the usual `sample` stage can use it."""
     src = model_dir(name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for f in SHIPPED_FILES:
+    for f in (*SHIPPED_FILES, PRIOR_FILE):
         if (src / f).exists() and f != GRID_FILE:
             shutil.copyfile(src / f, run_dir / f)
     return run_dir
@@ -66,4 +70,8 @@ def export(run_dir: Path, dest: Path) -> Path:
     ckpt = load_checkpoint(run_dir / CKPT_FILE)
     kept = {k: v for k, v in ckpt.items() if k not in ("optimizer", "ema")}
     save_checkpoint(dest / CKPT_FILE, {**kept, "model": sampling_weights(ckpt)})
+    # The folder has no training tokens, so a tuned first-layer prior travels fitted.
+    if (run_dir / TUNE_FILE).exists() and load_best_setting(run_dir)["prior_weight"] > 0:
+        tok = load_tokenizer(run_dir / TOKENIZER_FILE)
+        save_prior(dest / PRIOR_FILE, run_prior(run_dir, tok), tok.id)
     return dest

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import load_metadata
+from .artifacts import load_metadata, load_tensors, save_tensors
 from .codebook import Tokenizer, load_tokens
 from .errors import ArtifactError, UsageError
 from .fields_io import training_rows
 from .gaussian_fit import fit_gaussian
-from .layout import TOKENS_FILE
+from .layout import PRIOR_FILE, TOKENS_FILE
 from .split import load_split
 
 
@@ -72,8 +72,25 @@ class FirstLayerPrior:
         z[:, i] = (self.values[codes] - self._conditional_mean(labels, z, i)) / self.chol[labels, i, i]
 
 
+def save_prior(path: Path, prior: FirstLayerPrior, tokenizer_id: str) -> None:
+    save_tensors(path, {"mean": prior.mean.float(), "chol": prior.chol.float(), "values": prior.values.float()},
+                 {"tokenizer_id": tokenizer_id})
+
+
 def run_prior(run_dir: Path, tok: Tokenizer) -> FirstLayerPrior:
-    """The first-layer prior of a run, fitted on its training tokens (tokens.safetensors, split.json)."""
+    """The first-layer prior of a run, fitted on its training tokens (tokens.safetensors, split.json).
+
+    A shipped pretrained model has no training tokens; `pretrained.export` saves its fitted prior instead.
+    """
+    saved = run_dir / PRIOR_FILE
+    if saved.exists():
+        t, meta = load_tensors(saved, {"mean": torch.float32, "chol": torch.float32, "values": torch.float32})
+        if meta.get("tokenizer_id") != tok.id:
+            raise ArtifactError(f"{saved}: made for another tokenizer than {run_dir / 'tokenizer.safetensors'}")
+        if t["chol"].ndim != 3 or t["mean"].shape != t["chol"].shape[:2] or t["mean"].shape[0] != tok.vocab.num_classes:
+            raise ArtifactError(f"{saved}: mean {tuple(t['mean'].shape)} and chol {tuple(t['chol'].shape)} "
+                                f"don't fit {tok.vocab.num_classes} classes")
+        return FirstLayerPrior(t["mean"], t["chol"], t["values"])
     if tok.offsets != "none" or tok.order != "input_first":
         raise UsageError(f"sample.prior_weight > 0: the prior is on the raw first-layer weights, but the run's tokens "
                          f"are tokenize.offsets = {tok.offsets}, tokenize.order = {tok.order}; use prior_weight 0")
