@@ -1,22 +1,26 @@
-"""Sampling the GPT times a per-class Gaussian on the first layer: does a prior with joint structure fix W1?
+"""Sampling the GPT times a per-class prior on the first layer: does a prior with joint structure fix W1?
 
 benchmarks/layer_oracle.py showed that the samples fall short in the first layer (W1, b1): given a real one, the
 GPT draws the rest well. The Gaussian baseline captures the first layer's correlations in one covariance, so this
 samples from the product of the two on those positions (nefgpt.weight_prior, `sample.prior_weight`):
 
-    logits_i  +=  lam * log N(v_c ; m_i, s_i^2)      for each code value v_c, at first-layer position i,
+    logits_i  =  a * logits_i  +  lam * log p(v_c | first-layer values so far)      at first-layer position i,
 
 where m_i and s_i are the class Gaussian's conditional mean and std given the first-layer values decoded so
 far (a running forward substitution through the Cholesky factor of its covariance). The Gaussian is fitted per
 class on the dequantized training tokens, with the Gaussian baseline's Ledoit-Wolf shrinkage. Temperature,
-guidance and the rest apply to the sum as usual; lam = 0 is the plain sampler.
+guidance and the rest apply to the sum as usual; lam = 0 is the plain sampler. a (the GPT's weight on the first
+layer, `sample.first_layer_gpt_weight`) is 1 unless a grid item gives it as a fourth value.
+`--components K --dims D` makes the prior a mixture of K Gaussians per class in its D leading principal
+directions (`sample.prior_components`, `sample.prior_dims`).
 
-Every (guidance, T, lam) row of the grid is decoded for 50 fields per class and scored by the `evaluate` stage
+Every (guidance, T, lam[, a]) row of the grid is decoded for 50 fields per class and scored by the `evaluate` stage
 against the run's 500 held-out fields (as layer_oracle does), side by side, with the same seed.
 
 `--prior-on all` puts the Gaussian on every weight instead (one 561-dimensional Gaussian per class).
 
-    python benchmarks/first_layer_prior.py --run runs/demo [--grid "1,1,0 1,1,0.5 ..."] [--prior-on all] [--json out.json]
+    python benchmarks/first_layer_prior.py --run runs/demo [--grid "1,1,0 1,1,0.5 1,1,1,0.5 ..."] [--prior-on all]
+        [--components 4 --dims 32] [--json out.json]
         [--png grids.png --show "2,0.7,0 1,1,0.5"]
 """
 
@@ -44,18 +48,20 @@ DEFAULT_GRID = "1,1,0 1,1,0.5 1,1,1 1,1.1,0.3 1,1.2,0.5 1,1.3,1 2,0.8,0 2,0.8,0.
 
 
 def decode(model, tok: Tokenizer, prior: FirstLayerPrior, c: int, n: int, guidance: float, temperature: float,
-           lam: float, gen: torch.Generator) -> torch.Tensor:
+           lam: float, gpt_weight: float, gen: torch.Generator) -> torch.Tensor:
     """n code sequences of class c, through the package's sampler (nefgpt.generate with sample.prior_weight)."""
     return generate(model, torch.full((n,), c), tok.vocab, tok.spec.num_params, temperature, 0, 1.0, gen,
-                    guidance=guidance, prior=prior, prior_weight=lam)
+                    guidance=guidance, prior=prior, prior_weight=lam, first_layer_gpt_weight=gpt_weight)
 
 
-def parse_grid(text: str) -> list[tuple[float, float, float]]:
-    return [tuple(float(v) for v in item.split(",")) for item in text.split()]
+def parse_grid(text: str) -> list[tuple[float, float, float, float]]:
+    """"g,T,lam[,a]" items -> (guidance, temperature, prior weight, GPT weight on the first layer) tuples."""
+    items = [tuple(float(v) for v in item.split(",")) for item in text.split()]
+    return [item if len(item) == 4 else (*item, 1.0) for item in items]
 
 
-def row_name(g: float, t: float, lam: float) -> str:
-    return f"guidance {g:g}, T {t:g}, prior weight {lam:g}"
+def row_name(g: float, t: float, lam: float, a: float = 1.0) -> str:
+    return f"guidance {g:g}, T {t:g}, prior weight {lam:g}" + ("" if a == 1 else f", GPT {a:g}")
 
 
 def save_side_by_side(path: Path, tok: Tokenizer, shown: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -82,6 +88,9 @@ def main() -> None:
     ap.add_argument("--grid", default=DEFAULT_GRID, help="space-separated guidance,temperature,prior-weight triples")
     ap.add_argument("--prior-on", choices=("first", "all"), default="first",
                     help="the positions the Gaussian covers: the first layer (W1, b1) or every weight")
+    ap.add_argument("--components", type=int, default=1, help="Gaussians per class (sample.prior_components)")
+    ap.add_argument("--dims", type=int, default=0,
+                    help="principal directions the mixture lives in; 0 = all positions (sample.prior_dims)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path, help="sample grids (5 per class) of the --show rows, side by side")
@@ -94,7 +103,8 @@ def main() -> None:
     tokens, labels = load_tokens(args.run, tok.id)
     train = torch.tensor(load_split(args.run)["train"], dtype=torch.long)
     first = tok.spec.layer_params[0] if args.prior_on == "first" else tok.spec.num_params
-    prior = FirstLayerPrior.fit(tok.codebook[tokens[train, :first]], labels[train], tok.vocab.num_classes, tok.codebook)
+    prior = FirstLayerPrior.fit(tok.codebook[tokens[train, :first]], labels[train], tok.vocab.num_classes, tok.codebook,
+                                   args.components, args.dims)
     model, _ = load_checked_model(args.run, tok.vocab, tok.spec, tok.id)
     model.eval()
     classes = sorted(labels[train].unique().tolist())
@@ -102,22 +112,23 @@ def main() -> None:
     results, shown = [], {}
     print(f"{PER_CLASS} samples per class vs the held-out fields; the prior covers the first {first} weights; "
           f"threads {torch.get_num_threads()}")
-    print(f"{'':42} {'accuracy':>8} {'MMD':>7} {'COV':>6} {'1-NNA':>6} {'divers.':>7} {'near-copy':>9} {'s':>4}")
-    for g, t, lam in parse_grid(args.grid):
+    print(f"{'':50} {'accuracy':>8} {'MMD':>7} {'COV':>6} {'1-NNA':>6} {'divers.':>7} {'near-copy':>9} {'s':>4}")
+    for g, t, lam, a in parse_grid(args.grid):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(args.seed)
-        out = torch.cat([decode(model, tok, prior, c, PER_CLASS, g, t, lam, gen) for c in classes])
+        out = torch.cat([decode(model, tok, prior, c, PER_CLASS, g, t, lam, a, gen) for c in classes])
         lab = torch.tensor(classes).repeat_interleave(PER_CLASS)
-        r = {"guidance": g, "temperature": t, "prior_weight": lam, **score(args.run, tok, out, lab),
+        r = {"guidance": g, "temperature": t, "prior_weight": lam, "first_layer_gpt_weight": a, **score(args.run, tok, out, lab),
              "seconds": time.perf_counter() - t0}
         results.append(r)
-        if (g, t, lam) in shown_keys:
-            shown[row_name(g, t, lam)] = (out, lab)
-        print(f"{row_name(g, t, lam):42} {r['accuracy']:8.1%} {r['mmd']:7.4f} {r['cov']:6.1%} {r['1nna']:6.1%} "
+        if (g, t, lam, a) in shown_keys:
+            shown[row_name(g, t, lam, a)] = (out, lab)
+        print(f"{row_name(g, t, lam, a):50} {r['accuracy']:8.1%} {r['mmd']:7.4f} {r['cov']:6.1%} {r['1nna']:6.1%} "
               f"{r['diversity_ratio']:7.3f} {r['near_copy_rate']:9.1%} {r['seconds']:4.0f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"run": str(args.run), "seed": args.seed, "per_class": PER_CLASS,
                                          "prior_on": args.prior_on, "prior_positions": first,
+                                         "components": args.components, "dims": args.dims,
                                          "rows": results}, indent=2) + "\n")
         print(f"json: {args.json}")
     if args.png and shown:

@@ -85,6 +85,29 @@ def check_scored(run: Path, model: str, n: int) -> dict:
     return metrics
 
 
+# ---------------------------------------------------------------- mixture
+
+
+def test_mixture_trains_samples_and_is_scored(fitted, tmp_path):
+    run = run_copy(fitted, tmp_path)
+    settings = [*fitted[1], "train.model=mixture", "baseline.components=2", "baseline.dims=4"]
+    stages(run, settings, "train", "sample", "evaluate")
+    check_scored(run, "mixture", 20)
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["model"] == "mixture" and (summary["components"], summary["dims"]) == (2, 4)
+    assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["val_loss"])
+    # Many samples of one class: their mean approaches the class's mean (a mixture's mean is its fields' mean).
+    rc, _, err = call(["sample", "--out", run, "--quiet", "--label", "3", "-n", "4000", *sets(settings)])
+    assert rc == 0, err
+    x = load_tensors(run / "samples.safetensors")[0]["weights"].double()
+    fields = load_fields(config_of(run), run, "train")
+    rows = fields.weights[fields.labels == 3].double()
+    scale = rows.std(0, correction=0).max()
+    assert float((x.mean(0) - rows.mean(0)).abs().max()) < 0.1 * float(scale)
+    model = load_checkpoint(run / "ckpt.pt")["model"]
+    assert model["log_weights"][3].exp().sum() == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------- Gaussian
 
 

@@ -20,6 +20,7 @@ from nefgpt.errors import ArtifactError, UsageError
 from nefgpt.figures import _tune_axes, save_tune_heatmap
 from nefgpt.layout import TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
 from nefgpt.objectives import OBJECTIVES
+from nefgpt.validation import SAMPLING_KEYS
 from nefgpt.tune import (
     candidate_settings,
     choose_best,
@@ -39,13 +40,23 @@ def test_candidate_settings_cover_the_grid_in_order_without_duplicates():
     cfg = TuneConfig(temperatures=[0.8, 1.0], top_ks=[0, 3, 3], top_ps=[1.0, 0.9])
     settings = candidate_settings(cfg, num_codes=245)
     assert len(settings) == 8
-    off = {"min_p": 0.0, "guidance": 1.0, "oversample": 1.0, "prior_weight": 0.0}
+    off = {"min_p": 0.0, "guidance": 1.0, "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0}
     assert settings[0] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0, **off}
     assert settings[1] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, **off}
     assert settings[-1] == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, **off}
     assert all(isinstance(s["top_k"], int) and isinstance(s["temperature"], float) for s in settings)
     cfg.budget = 3
     assert candidate_settings(cfg, 245) == settings[:3]
+
+
+def test_the_prior_s_shape_is_searched_only_where_the_prior_is_on():
+    cfg = TuneConfig(temperatures=[1.0], top_ks=[0], top_ps=[1.0], prior_weights=[0.0, 1.0], prior_components=[1, 4],
+                     prior_dims=[32], first_layer_gpt_weights=[0.5, 1.0])
+    settings = candidate_settings(cfg, num_codes=245)
+    shapes = [(s["prior_weight"], s["prior_components"], s["prior_dims"], s["first_layer_gpt_weight"]) for s in settings]
+    assert shapes == [(0.0, 1, 0, 1.0), (1.0, 1, 32, 0.5), (1.0, 1, 32, 1.0), (1.0, 4, 32, 0.5), (1.0, 4, 32, 1.0)]
+    with pytest.raises(UsageError, match="prior_dims"):
+        candidate_settings(TuneConfig(prior_weights=[1.0], prior_components=[4], prior_dims=[0]), 245)
 
 
 def test_min_p_is_searched_with_the_other_dimensions():
@@ -163,11 +174,11 @@ def test_load_best_setting_reads_types_and_names_a_bad_file(tmp_path):
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 1, "top_k": 3.0, "top_p": 0.9, "accuracy": 0.9}})
     # A tune.json written before guidance, min-p and oversampling were tuned means plain conditional sampling.
     assert load_best_setting(tmp_path) == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "min_p": 0.0, "guidance": 1.0,
-                                           "oversample": 1.0, "prior_weight": 0.0}
+                                           "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0}
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 0.7, "top_k": 0, "top_p": 1, "min_p": 0.1,
                                               "guidance": 2, "oversample": 3}})
     assert load_best_setting(tmp_path) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "guidance": 2.0,
-                                           "oversample": 3.0, "prior_weight": 0.0}
+                                           "oversample": 3.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0}
     save_json(tmp_path / TUNE_FILE, {"settings": []})
     with pytest.raises(ArtifactError, match="tune.json"):
         load_best_setting(tmp_path)
@@ -252,7 +263,7 @@ def run_copy(tuned, tmp_path) -> Path:
 
 def sampling_used(run: Path) -> dict:
     meta = load_tensors(run / "samples.safetensors")[1]["sampling"]
-    return {k: meta[k] for k in ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample", "prior_weight", "use_tuned")}
+    return {k: meta[k] for k in (*SAMPLING_KEYS, "use_tuned")}
 
 
 def test_tune_writes_every_setting_and_the_best(tuned):
@@ -299,7 +310,7 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
                    *sets("tune.temperatures=[0.6]", "tune.top_ks=[1]", "tune.top_ps=[0.8]"))
     assert rc == 0, err
     tuned = {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0,
-             "prior_weight": 0.0}
+             "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0}
     assert load_best_setting(run_copy) == tuned
     rc, err = call("sample", "--out", run_copy, "--quiet")
     assert rc == 0 and "[sample] running" in err, err
@@ -324,7 +335,7 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
     assert rc == 0, err
     # (config.json's own values: the fallback, with the values given by hand above)
     assert sampling_used(run_copy) == {"temperature": 0.9, "top_k": 4, "top_p": 1.0, "min_p": 0.1, "guidance": 1.0,
-                                       "oversample": 1.0, "prior_weight": 0.0, "use_tuned": False}
+                                       "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0, "use_tuned": False}
 
 
 def test_evaluate_writes_its_figures(run_copy):
@@ -435,12 +446,15 @@ def test_balanced_objective_adds_the_diversity_gap(run_copy):
 
 
 def test_the_first_layer_prior_is_tuned_and_sampled(run_copy):
-    rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets("tune.prior_weights=[0, 0.5]",
-                                                                          "tune.temperatures=[1.0]", "tune.top_ks=[0]"))
+    rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets(
+        "tune.prior_weights=[0, 0.5]", "tune.prior_components=[1, 2]", "tune.prior_dims=[3]",
+        "tune.first_layer_gpt_weights=[0.5]", "tune.temperatures=[1.0]", "tune.top_ks=[0]"))
     assert rc == 0, err
     rows = json.loads((run_copy / TUNE_FILE).read_text())["settings"]
-    assert [r["prior_weight"] for r in rows] == [0.0, 0.5]
-    assert "| prior |" in (run_copy / TUNE_TABLE_FILE).read_text()
+    shapes = [(r["prior_weight"], r["prior_components"], r["prior_dims"], r["first_layer_gpt_weight"]) for r in rows]
+    assert shapes == [(0.0, 1, 0, 1.0), (0.5, 1, 3, 0.5), (0.5, 2, 3, 0.5)]
+    table = (run_copy / TUNE_TABLE_FILE).read_text()
+    assert "| prior |" in table and "0.5 (2×3 GPT 0.5)" in table
     rc, err = call("sample", "--out", run_copy, "--quiet", "--prior-weight", "2")
     assert rc == 0, err
     assert sampling_used(run_copy) == {**load_best_setting(run_copy), "prior_weight": 2.0, "use_tuned": True}

@@ -107,7 +107,7 @@ class Generator:
     @property
     def setting(self) -> dict:
         """The sampling setting `sample` uses by default: {temperature, top_k, top_p, min_p, guidance, oversample,
-        prior_weight}."""
+        prior_weight, prior_components, prior_dims, first_layer_gpt_weight}."""
         return {k: getattr(self.config.sample, k) for k in SAMPLING_KEYS}
 
     def __repr__(self) -> str:
@@ -117,27 +117,32 @@ class Generator:
     def sample(self, labels: Iterable[int] | None = None, *, n_per_class: int = 1, seed: int | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                min_p: float | None = None, guidance: float | None = None, oversample: float | None = None,
-               prior_weight: float | None = None, batch_size: int | None = None, progress: bool = False) -> Fields:
+               prior_weight: float | None = None, prior_components: int | None = None, prior_dims: int | None = None,
+               first_layer_gpt_weight: float | None = None, batch_size: int | None = None,
+               progress: bool = False) -> Fields:
         """Generate fields, one per entry of `labels`, in that order.
 
         labels: class indices in 0..num_classes-1 (repeat a label for several fields); None samples
             `n_per_class` fields of every class (the only choice for an unconditional model).
         seed: seeds the sampling generator; None is the run's sample.seed. The same seed, labels and
             setting give the same fields every time.
-        temperature, top_k, top_p, min_p, guidance, oversample, prior_weight: replace that value of `self.setting`
-            only, as ``nefgpt sample --temperature ...`` does (top_k 0, top_p 1, min_p 0, oversample 1 and
-            prior_weight 0 are off; a prior weight needs the run's training tokens).
+        temperature, top_k, top_p, min_p, guidance, oversample, prior_weight, prior_components, prior_dims,
+            first_layer_gpt_weight: replace that value of `self.setting` only, as ``nefgpt sample --temperature
+            ...`` does (top_k 0, top_p 1, min_p 0, oversample 1 and prior_weight 0 are off; a prior weight needs
+            the run's training tokens, or a shipped model's fitted prior of that shape).
         batch_size: fields generated together; None is the run's sample.batch_size, which is what makes the
             fields equal to the CLI's: the batching decides which random draws each field gets.
         """
         cfg = copy.deepcopy(self.config.sample)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p, "guidance": guidance,
-                 "oversample": oversample, "prior_weight": prior_weight, "seed": seed, "batch_size": batch_size}
+                 "oversample": oversample, "prior_weight": prior_weight, "prior_components": prior_components,
+                 "prior_dims": prior_dims, "first_layer_gpt_weight": first_layer_gpt_weight, "seed": seed,
+                 "batch_size": batch_size}
         for key, value in given.items():
             if value is not None:
                 setattr(cfg, key, value)
         # The integers are checked here; draw checks the setting's ranges, as for the CLI.
-        for key, minimum in (("top_k", 0), ("seed", 0), ("batch_size", 1)):
+        for key, minimum in (("top_k", 0), ("seed", 0), ("batch_size", 1), ("prior_components", 1), ("prior_dims", 0)):
             _integer(key, getattr(cfg, key), minimum)
         if labels is None:
             cfg.n_per_class = _integer("n_per_class", n_per_class, 1)
@@ -145,7 +150,8 @@ class Generator:
         else:
             cfg.n_per_class = 1  # one field per listed label: draw lays out n_per_class copies of each
             chosen = _labels(labels)
-        prior = run_prior(self.run_dir, self.tokenizer) if cfg.prior_weight > 0 else None
+        prior = (run_prior(self.run_dir, self.tokenizer, cfg.prior_components, cfg.prior_dims)
+                 if cfg.prior_weight > 0 else None)
         tokens, all_labels, _ = draw(self.model, self.vocab, self.spec.num_params, self._trained, cfg, chosen,
                                      str(self.run_dir / CKPT_FILE), progress, prior)
         return Fields(self.tokenizer.decode(tokens), all_labels, self.spec, tokens,

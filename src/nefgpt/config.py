@@ -84,7 +84,7 @@ class TrainConfig:
     # fills it in from here (the shipped pretrained_models/mnist one has no class_embed, pos_bias, max_minutes),
     # so each default must stay the value that reproduces older runs: levers off, no time budget. The tuned
     # values live in presets/cpu.toml; tests/data/preset_snapshots.json pins every preset's resolved values.
-    model: str = "gpt"  # gpt | regression | diffusion | gaussian | copy_noise (see nefgpt.baselines)
+    model: str = "gpt"  # gpt | regression | diffusion | gaussian | copy_noise | marginals | mixture (nefgpt.baselines)
     conditioning: str = "class"  # class: [SOS, C(label), w...]; none: unconditional
     p_uncond: float = 0.0  # share of training sequences whose class token is replaced by the null class (for guidance)
     n_layer: int = 4
@@ -149,9 +149,16 @@ class SampleConfig:
     # in their class: log p(w | c) - log p(w | null) (nefgpt.generate.draw_tokens). 1 is off; > 1 needs the null
     # class (train.p_uncond > 0) and costs that many times the sampling time.
     oversample: float = 1.0
-    # Adds this many times a per-class Gaussian's log-density of each code value to the logits of the first layer's
+    # Adds this many times a per-class prior's log-probability of each code value to the logits of the first layer's
     # weights (nefgpt.weight_prior), fitted on the run's training tokens; 0 is off.
     prior_weight: float = 0.0
+    # The prior: a mixture of prior_components Gaussians per class in the class's leading prior_dims principal
+    # directions; 1 and 0 is one Ledoit-Wolf Gaussian on all the first layer's positions.
+    prior_components: int = 1
+    prior_dims: int = 0
+    # The GPT's logits count this much on the first layer's positions while the prior is on: 1 is the plain
+    # product of the two, 0 leaves the first layer to the prior alone.
+    first_layer_gpt_weight: float = 1.0
     batch_size: int = 250
     seed: int = 0
 
@@ -169,6 +176,9 @@ class TuneConfig:
     min_ps: list[float] = field(default_factory=lambda: [0.0])  # min-p thresholds; 0 is off
     oversamples: list[float] = field(default_factory=lambda: [1.0])  # sample.oversample values; 1 is off
     prior_weights: list[float] = field(default_factory=lambda: [0.0])  # sample.prior_weight values; 0 is off
+    prior_components: list[int] = field(default_factory=lambda: [1])  # sample.prior_components values
+    prior_dims: list[int] = field(default_factory=lambda: [0])  # sample.prior_dims values
+    first_layer_gpt_weights: list[float] = field(default_factory=lambda: [1.0])  # sample.first_layer_gpt_weight
     search: str = "grid"  # grid | random
     budget: int = 0  # at most this many settings (random search draws them); 0 = the whole grid
     # Wall-clock budget of the stage in minutes (0 = none): settings are tried in order and no new one starts
@@ -234,7 +244,7 @@ class RegressionConfig:
 
 @dataclass
 class BaselineConfig:
-    """The trivial baselines: per-class Gaussian and copy + noise."""
+    """The simple baselines: per-class Gaussian, mixture of Gaussians, and copy + noise."""
     covariance: str = "full"  # gaussian: full | diag
     # gaussian, full: weight of the diagonal target in (1 - a) S + a diag(S); -1 estimates it per class
     # (Ledoit-Wolf): with ~420 fields per class and 561 weights S alone is singular.
@@ -243,6 +253,9 @@ class BaselineConfig:
     # noise_scales by the 1-NNA gap |1-NNA - 0.5| against the tuning split.
     noise_scale: float = -1.0
     noise_scales: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
+    # mixture: Gaussians per class, in that many leading principal directions of the class's fields
+    components: int = 8
+    dims: int = 64
     seed: int = 0
 
 

@@ -88,7 +88,7 @@ def check_guidance(value: float, trained: dict, where: str, key: str = "guidance
 def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
              top_p: float, generator: torch.Generator, use_cache: bool = True, guidance: float = 1.0,
              min_p: float = 0.0, prefix: torch.Tensor | None = None, prior: FirstLayerPrior | None = None,
-             prior_weight: float = 0.0) -> torch.Tensor:
+             prior_weight: float = 0.0, first_layer_gpt_weight: float = 1.0) -> torch.Tensor:
     """Code tokens (B, num_weights) for class labels (B,); label -1 is the null class (unconditional).
 
     With guidance g != 1 the B conditional and B null-class sequences run as one batch of 2B (one cache) and
@@ -98,18 +98,20 @@ def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, t
     ``prefix`` (B, m) gives the first m tokens (in sequence order) and the model draws only the rest: a field
     completed from given weights, as benchmarks/layer_oracle.py does to find which layer the samples fall short in.
 
-    With ``prior_weight`` > 0, ``prior_weight`` times the class Gaussian's log-density of each code value
-    (nefgpt.weight_prior) is added to the (guided) logits at the prior's positions, before the temperature.
+    With ``prior_weight`` > 0, the logits at the prior's positions become ``first_layer_gpt_weight`` times the
+    (guided) logits plus ``prior_weight`` times the class prior's log-probability of each code value
+    (nefgpt.weight_prior), before the temperature.
     """
     return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, use_cache, guidance,
-                   min_p, score=False, prefix=prefix, prior=prior, prior_weight=prior_weight)[0]
+                   min_p, score=False, prefix=prefix, prior=prior, prior_weight=prior_weight,
+                   first_layer_gpt_weight=first_layer_gpt_weight)[0]
 
 
 @torch.no_grad()
 def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float,
                     top_k: int, top_p: float, generator: torch.Generator, guidance: float = 1.0,
                     min_p: float = 0.0, prior: FirstLayerPrior | None = None,
-                    prior_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    prior_weight: float = 0.0, first_layer_gpt_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """generate's tokens, and each sequence's class score ``log p(w | c) - log p(w | null)`` (B,).
 
     The score is the model's own implicit classifier: with the null class as the class marginal it is
@@ -118,20 +120,20 @@ def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights:
     the null-class half this needs is the one guidance already runs (at guidance 1 it is run for the score).
     """
     return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, True, guidance, min_p,
-                   score=True, prior=prior, prior_weight=prior_weight)
+                   score=True, prior=prior, prior_weight=prior_weight, first_layer_gpt_weight=first_layer_gpt_weight)
 
 
 def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
             top_p: float, generator: torch.Generator, use_cache: bool, guidance: float, min_p: float,
             score: bool, prefix: torch.Tensor | None = None, prior: FirstLayerPrior | None = None,
-            prior_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+            prior_weight: float = 0.0, first_layer_gpt_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     device = next(model.parameters()).device
     b = labels.shape[0]
     use_prior = prior_weight > 0
     if use_prior and prior is None:
         raise UsageError("sample.prior_weight > 0 needs the run's first-layer prior (nefgpt.weight_prior.run_prior)")
     if use_prior and int(labels.min()) < 0:
-        raise UsageError("sample.prior_weight > 0 is a class's Gaussian, so it needs class labels, not the null class")
+        raise UsageError("sample.prior_weight > 0 is a class's density, so it needs class labels, not the null class")
     given = 0 if prefix is None else prefix.shape[1]
     if prefix is not None and (prefix.ndim != 2 or prefix.shape[0] != b or given > num_weights):
         raise ValueError(f"prefix must be ({b}, m <= {num_weights}) tokens, got {tuple(prefix.shape)}")
@@ -162,17 +164,19 @@ def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, te
     cache = KVCache(model.config, seq.shape[0], device, next(model.parameters()).dtype) if use_cache else None
     raw = model(seq, cache, 0)[:, -1]
     if use_prior:
-        prior_labels, z = labels.long().cpu(), prior.start(b)
+        prior_labels = labels.long().cpu()
+        state = prior.start(b, prior_labels)
         for j in range(min(given, prior.n)):
-            prior.observe(prior_labels, z, j, out[:b, j].cpu())
+            prior.observe(prior_labels, state, j, out[:b, j].cpu())
     for i in range(given, num_weights):
         logits = mix(raw)
         if use_prior and i < prior.n:
-            logits = logits + prior_weight * prior.log_density(prior_labels, z, i).to(logits.device)
+            log_prior = prior.log_density(prior_labels, state, i).to(logits.device)
+            logits = first_layer_gpt_weight * logits + prior_weight * log_prior
         probs = filter_logits(logits, temperature, top_k, top_p, min_p)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
         if use_prior and i < prior.n:
-            prior.observe(prior_labels, z, i, nxt[:b, 0].cpu())
+            prior.observe(prior_labels, state, i, nxt[:b, 0].cpu())
         if paired:
             nxt = nxt.repeat(2, 1)
         if score:
@@ -217,7 +221,8 @@ def draw_tokens(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int
         args = (model, batch, vocab, num_weights, setting["temperature"], setting["top_k"], setting["top_p"],
                 generator)
         kw = {"guidance": setting["guidance"], "min_p": setting["min_p"], "prior": prior,
-              "prior_weight": setting.get("prior_weight", 0.0)}
+              "prior_weight": setting.get("prior_weight", 0.0),
+              "first_layer_gpt_weight": setting.get("first_layer_gpt_weight", 1.0)}
         if over == 1:
             tokens.append(generate(*args, **kw).cpu())
         else:

@@ -19,7 +19,7 @@ from .codebook import load_tokenizer
 from .layout import (CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, GRID_FILE, METRICS_FILE, PRIOR_FILE, TOKENIZER_FILE,
                      TUNE_FILE)
 from .tune import load_best_setting
-from .weight_prior import run_prior, save_prior
+from .weight_prior import prior_training_codes, save_prior
 
 MODELS_DIR = "pretrained_models"
 # What `sample` needs, and what lets a user (and a test) check the recorded numbers.
@@ -70,8 +70,8 @@ def export(run_dir: Path, dest: Path) -> Path:
     ckpt = load_checkpoint(run_dir / CKPT_FILE)
     kept = {k: v for k, v in ckpt.items() if k not in ("optimizer", "ema")}
     save_checkpoint(dest / CKPT_FILE, {**kept, "model": sampling_weights(ckpt)})
-    # The folder has no training tokens, so a tuned first-layer prior travels fitted.
+    # The folder has no training tokens, so a tuned first-layer prior travels as the codes it is fitted on.
     if (run_dir / TUNE_FILE).exists() and load_best_setting(run_dir)["prior_weight"] > 0:
         tok = load_tokenizer(run_dir / TOKENIZER_FILE)
-        save_prior(dest / PRIOR_FILE, run_prior(run_dir, tok), tok.id)
+        save_prior(dest / PRIOR_FILE, *prior_training_codes(run_dir, tok), tok.id)
     return dest

@@ -96,8 +96,7 @@ def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleC
     train config and `where` names the checkpoint in messages; `prior` is the run's first-layer prior, which
     cfg.prior_weight > 0 needs.
     """
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p,
-                   oversample=cfg.oversample, prior_weight=cfg.prior_weight)
+    check_sampling(**{k: getattr(cfg, k) for k in SAMPLING_KEYS}, num_codes=vocab.num_codes)
     check_guidance(cfg.guidance, trained, where)
     check_guidance(cfg.oversample, trained, where, key="oversample")
     conditioned = trained.get("conditioning", "class") == "class"
@@ -115,7 +114,7 @@ def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleC
     gen = torch.Generator().manual_seed(cfg.seed)
     setting = {k: getattr(cfg, k) for k in SAMPLING_KEYS}
     if cfg.prior_weight > 0 and not conditioned:
-        raise UsageError(f"sample.prior_weight > 0 is a class's Gaussian, but {where} is an unconditional model "
+        raise UsageError(f"sample.prior_weight > 0 is a class's density, but {where} is an unconditional model "
                          "(train.conditioning = none); use prior_weight 0")
     tokens = draw_tokens(model, conditions, vocab, num_weights, setting, gen, cfg.batch_size, progress, prior)
     return tokens, all_labels, conditioned
@@ -125,10 +124,9 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     tok = load_tokenizer(run_dir / TOKENIZER_FILE)
     vocab, spec, tok_id = tok.vocab, tok.spec, tok.id
     # Checked before the model loads too (draw checks again), so a bad setting is refused first.
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, vocab.num_codes, cfg.guidance, cfg.min_p,
-                   oversample=cfg.oversample, prior_weight=cfg.prior_weight)
+    check_sampling(**{k: getattr(cfg, k) for k in SAMPLING_KEYS}, num_codes=vocab.num_codes)
     model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
-    prior = run_prior(run_dir, tok) if cfg.prior_weight > 0 else None
+    prior = run_prior(run_dir, tok, cfg.prior_components, cfg.prior_dims) if cfg.prior_weight > 0 else None
     t0 = time.perf_counter()
     tokens, all_labels, conditioned = draw(model, vocab, spec.num_params, trained_config(ckpt), cfg, labels,
                                            str(run_dir / CKPT_FILE), progress, prior)

@@ -54,17 +54,19 @@ BATCH_SIZE = 250
 
 
 def load_best_setting(run_dir: Path) -> dict:
-    """The chosen {temperature, top_k, top_p, min_p, guidance, oversample, prior_weight} of a run's tune.json.
+    """The chosen setting (validation.SAMPLING_KEYS) of a run's tune.json.
 
     tune.json files written before guidance, min-p, oversampling or the prior were tuned mean guidance 1, min-p 0,
-    oversample 1 and prior weight 0 (off).
+    oversample 1 and prior weight 0 (off); before the prior's shape was tuned, one full Gaussian in the product.
     """
     path = run_dir / TUNE_FILE
     try:
         best = load_json(path)["best"]
         return {"temperature": float(best["temperature"]), "top_k": int(best["top_k"]), "top_p": float(best["top_p"]),
                 "min_p": float(best.get("min_p", 0.0)), "guidance": float(best.get("guidance", 1.0)),
-                "oversample": float(best.get("oversample", 1.0)), "prior_weight": float(best.get("prior_weight", 0.0))}
+                "oversample": float(best.get("oversample", 1.0)), "prior_weight": float(best.get("prior_weight", 0.0)),
+                "prior_components": int(best.get("prior_components", 1)), "prior_dims": int(best.get("prior_dims", 0)),
+                "first_layer_gpt_weight": float(best.get("first_layer_gpt_weight", 1.0))}
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"{path}: no valid 'best' sampling setting; rerun `nefgpt tune --force`") from None
 
@@ -88,10 +90,15 @@ def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     """The settings to try, in the order they are tried; all are checked (check_tune) before any sampling starts."""
     check_tune(cfg, num_codes)
     grid = []
-    for g, w, t, k, p, m, r in itertools.product(cfg.guidances, cfg.prior_weights, cfg.temperatures, cfg.top_ks,
-                                                 cfg.top_ps, cfg.min_ps, cfg.oversamples):
+    shapes = list(itertools.product(cfg.prior_components, cfg.prior_dims, cfg.first_layer_gpt_weights))
+    for g, w, (pc, pd, a), t, k, p, m, r in itertools.product(cfg.guidances, cfg.prior_weights, shapes,
+                                                               cfg.temperatures, cfg.top_ks, cfg.top_ps, cfg.min_ps,
+                                                               cfg.oversamples):
+        if w == 0:  # the prior is off, so its shape is moot: one setting, recorded with the defaults
+            pc, pd, a = 1, 0, 1.0
         setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p), "min_p": float(m),
-                   "guidance": float(g), "oversample": float(r), "prior_weight": float(w)}
+                   "guidance": float(g), "oversample": float(r), "prior_weight": float(w),
+                   "prior_components": int(pc), "prior_dims": int(pd), "first_layer_gpt_weight": float(a)}
         if setting not in grid:
             grid.append(setting)
     if cfg.search == "random":
@@ -135,6 +142,15 @@ def format_table(rows: list[dict], best: int, objective: str) -> str:
     def fmt_k(k: int) -> str:
         return str(k) if k else "–"
 
+    def prior_cell(r: dict) -> str:
+        """weight, then (components x dims, GPT weight) where they are not the one full Gaussian in the product."""
+        w = r.get("prior_weight", 0.0)
+        if w == 0:
+            return "–"
+        pc, pd, a = r.get("prior_components", 1), r.get("prior_dims", 0), r.get("first_layer_gpt_weight", 1.0)
+        shape = ("" if (pc, pd) == (1, 0) else f" {pc}×{pd}") + ("" if a == 1 else f" GPT {a:g}")
+        return f"{w:g}" + (f" ({shape.strip()})" if shape else "")
+
     def fmt(value: float | None, spec: str) -> str:
         return "–" if value is None or not math.isfinite(value) else format(value, spec)
 
@@ -147,7 +163,7 @@ def format_table(rows: list[dict], best: int, objective: str) -> str:
                  f"{r['top_p']:g}" if r["top_p"] < 1 else "–",
                  f"{r.get('min_p', 0.0):g}" if r.get("min_p", 0.0) > 0 else "–",
                  f"{r.get('oversample', 1.0):g}" if r.get("oversample", 1.0) > 1 else "–",
-                 f"{r.get('prior_weight', 0.0):g}" if r.get("prior_weight", 0.0) > 0 else "–",
+                 prior_cell(r),
                  f"{r['accuracy']:.1%}", f"{r['cross_entropy']:.3f}", f"{r['mmd']:.4f}", f"{r['cov']:.1%}",
                  f"{r['1nna']:.1%}", fmt(r.get("diversity_ratio"), ".3f"), fmt(r.get("objective"), ".4f")]
         if i == best:
@@ -179,7 +195,8 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     for key in ("guidance", "oversample"):
         for value in {s[key] for s in settings}:
             check_guidance(value, trained_config(ckpt), str(run_dir / CKPT_FILE), key=key)
-    prior = run_prior(run_dir, tok) if any(s["prior_weight"] > 0 for s in settings) else None
+    priors = {shape: run_prior(run_dir, tok, *shape) for shape in
+              {(s["prior_components"], s["prior_dims"]) for s in settings if s["prior_weight"] > 0}}
     split, images, labels = load_split_images(run_dir)
     if images.shape[-1] != 28:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: tuning expects 28x28 images, the dataset has "
@@ -209,6 +226,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
             break
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(tc.seed)
+        prior = priors.get((setting["prior_components"], setting["prior_dims"]))
         tokens = draw_tokens(model, gen_labels, vocab, spec.num_params, setting, gen, BATCH_SIZE, prior=prior)
         images_gen = field.render(spec, tok.decode(tokens), 28)
         scores = score_images(clf, images_gen, gen_labels)

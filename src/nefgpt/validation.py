@@ -42,6 +42,7 @@ _POSITIVE = {
     "regression": ("residual_fields",),
     "diffusion": ("width", "n_blocks", "timesteps", "batch_size", "max_iters", "lr", "eval_interval",
                   "ckpt_interval", "eval_timesteps", "sample_steps"),
+    "baseline": ("components", "dims"),
 }
 
 
@@ -50,7 +51,8 @@ MAX_OVERSAMPLE = 100  # candidates per field kept: beyond this the sampling time
 
 def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
                    min_p: float = 0.0, prefix: str = "", num_codes_name: str = "", oversample: float = 1.0,
-                   prior_weight: float = 0.0) -> None:
+                   prior_weight: float = 0.0, prior_components: int = 1, prior_dims: int = 0,
+                   first_layer_gpt_weight: float = 1.0) -> None:
     """The one check of the sampling values (config validation, `sample`, `tune` and the API all call it).
 
     ``prefix`` names their section in the messages ("sample."); ``num_codes_name`` names top-k's bound.
@@ -70,9 +72,20 @@ def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int,
         raise UsageError(f"{prefix}oversample must be in [1, {MAX_OVERSAMPLE}] (1 is off), got {oversample}")
     if not (isinstance(prior_weight, (int, float)) and math.isfinite(prior_weight) and prior_weight >= 0):
         raise UsageError(f"{prefix}prior_weight must be a finite number >= 0 (0 is off), got {prior_weight}")
+    if not (isinstance(prior_components, int) and prior_components >= 1):
+        raise UsageError(f"{prefix}prior_components must be an integer >= 1, got {prior_components}")
+    if not (isinstance(prior_dims, int) and prior_dims >= 0):
+        raise UsageError(f"{prefix}prior_dims must be an integer >= 0 (0 = all positions), got {prior_dims}")
+    if prior_components > 1 and prior_dims == 0:
+        raise UsageError(f"{prefix}prior_components = {prior_components} needs {prefix}prior_dims >= 1: a mixture "
+                         "lives in the leading principal directions (prior_dims 0 is the one full Gaussian)")
+    if not (isinstance(first_layer_gpt_weight, (int, float)) and 0 <= first_layer_gpt_weight <= 1):
+        raise UsageError(f"{prefix}first_layer_gpt_weight must be in [0, 1] (1 is the plain product), "
+                         f"got {first_layer_gpt_weight}")
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample", "prior_weight")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample", "prior_weight",
+                 "prior_components", "prior_dims", "first_layer_gpt_weight")
 
 
 def check_choice(dotted: str, value: Any, choices: Any) -> None:
@@ -109,13 +122,15 @@ def check_vocab_size(num_codes: int, num_classes: int) -> None:
 
 
 _TUNE_LISTS = {"temperatures": "temperature", "top_ks": "top_k", "top_ps": "top_p", "min_ps": "min_p",
-               "guidances": "guidance", "oversamples": "oversample", "prior_weights": "prior_weight"}
+               "guidances": "guidance", "oversamples": "oversample", "prior_weights": "prior_weight",
+               "prior_components": "prior_components", "prior_dims": "prior_dims",
+               "first_layer_gpt_weights": "first_layer_gpt_weight"}
 
 
 def check_tune(cfg: TuneConfig, num_codes: int) -> None:
     """The one check of the [tune] settings: config validation and candidate_settings both call it."""
     neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0,
-               "prior_weight": 0.0}
+               "prior_weight": 0.0, "prior_components": 1, "prior_dims": 1, "first_layer_gpt_weight": 1.0}
     for name, key in _TUNE_LISTS.items():
         if not getattr(cfg, name):
             raise UsageError(f"tune.{name} must list at least one value")
@@ -124,6 +139,9 @@ def check_tune(cfg: TuneConfig, num_codes: int) -> None:
                 check_sampling(**{**neutral, key: value}, num_codes=num_codes)
             except UsageError as exc:
                 raise UsageError(f"tune.{name}: {exc}") from None
+    if any(w > 0 for w in cfg.prior_weights) and any(k > 1 for k in cfg.prior_components) and 0 in cfg.prior_dims:
+        raise UsageError("tune.prior_components lists mixtures (> 1), which need tune.prior_dims >= 1, and "
+                         "tune.prior_dims lists 0 (the one full Gaussian)")
     check_choice("tune.objective", cfg.objective, OBJECTIVES)
     check_choice("tune.search", cfg.search, ("grid", "random"))
     if not 0 <= cfg.min_accuracy <= 1:
@@ -174,7 +192,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     s = cfg.sample
     check_sampling(s.temperature, s.top_k, s.top_p, cfg.tokenize.num_codes, s.guidance, s.min_p,
                    prefix="sample.", num_codes_name="tokenize.num_codes", oversample=s.oversample,
-                   prior_weight=s.prior_weight)
+                   prior_weight=s.prior_weight, prior_components=s.prior_components, prior_dims=s.prior_dims,
+                   first_layer_gpt_weight=s.first_layer_gpt_weight)
     unknown = [k for k in s.explicit if k not in SAMPLING_KEYS]
     if unknown:
         raise UsageError(f"sample.explicit lists {', '.join(unknown)}: not a sampling key ({', '.join(SAMPLING_KEYS)})")

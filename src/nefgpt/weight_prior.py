@@ -1,22 +1,30 @@
-"""A per-class Gaussian on the first layer's weights, multiplied into the GPT while sampling (sample.prior_weight).
+"""A per-class prior on the first layer's weights, multiplied into the GPT while sampling (sample.prior_weight).
 
 The samples fall short in the first layer (W1, b1): given a real one, the GPT draws the rest of a field well
-(benchmarks/layer_oracle.py), while its own first layers are poor. One Gaussian per class captures that
-layer's correlations, so at each first-layer position i the sampler adds
+(benchmarks/layer_oracle.py), while its own first layers are poor. A per-class density that captures that
+layer's correlations is multiplied in: at each first-layer position i the sampler adds
 
-    prior_weight * log N(v_c; m_i, s_i^2)
+    prior_weight * log p(v_c | first-layer values decoded so far)
 
-to the logit of every code c with value v_c, where m_i and s_i are the class Gaussian's mean and std of
-weight i given the first-layer values decoded so far. With the covariance's Cholesky factor L, x = m + L z
-for standard normal z, so that conditional is m_i + L[i, :i] z[:i] with std L[i, i], and each decoded value
-adds one z by forward substitution: O(i) per step and field.
+to the logit of every code c with value v_c.
 
-The Gaussian is fitted on the run's dequantized training tokens (with fit's shifted copies, when there are
-any), with the Gaussian baseline's Ledoit-Wolf shrinkage, when `sample` or `tune` needs it.
+The density is a mixture of Gaussians per class: `sample.prior_components` = 1 with `sample.prior_dims` = 0
+is one Ledoit-Wolf-shrunk Gaussian on all the layer's positions (the Gaussian baseline's fit); more components
+live in the class's leading `prior_dims` principal directions (gaussian_fit.fit_mixture), and a class's
+digits come in a few distinct styles that one Gaussian blurs together.
+
+Each component k is x = m_k + L_k z with its covariance's Cholesky factor L_k and standard normal z, so its
+conditional at position i is m_ki + L_k[i, :i] z[:i] with std L_k[i, i], and each decoded value adds one z by
+forward substitution: O(i) per step, field and component. The components' weights given the decoded prefix
+follow from each component's running log-likelihood of it.
+
+The prior is fitted on the run's dequantized training tokens (with fit's shifted copies, when there are any)
+when `sample` or `tune` needs it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,72 +33,144 @@ from .artifacts import load_metadata, load_tensors, save_tensors
 from .codebook import Tokenizer, load_tokens
 from .errors import ArtifactError, UsageError
 from .fields_io import training_rows
-from .gaussian_fit import fit_gaussian
+from .gaussian_fit import fit_gaussian, fit_mixture, mixture_moments, pad_mixture
 from .layout import PRIOR_FILE, TOKENS_FILE
 from .split import load_split
 
 
-class FirstLayerPrior:
-    """Class Gaussians over the first `n` weight positions, evaluated one position at a time while decoding."""
+@dataclass
+class PriorState:
+    """What the prior knows of b fields being decoded: whitened values per component, and log-likelihoods."""
+    z: torch.Tensor  # (b, K, n)
+    loglik: torch.Tensor  # (b, K): log weight + log density of the decoded prefix under each component
 
-    def __init__(self, mean: torch.Tensor, chol: torch.Tensor, values: torch.Tensor):
-        self.mean = mean.double()  # (C, n)
-        self.chol = chol.double()  # (C, n, n), lower triangular
-        self.values = values.double()  # (K,) the weight value of each code
-        self.n = self.mean.shape[1]
+
+def code_log_widths(values: torch.Tensor) -> torch.Tensor:
+    """log of the width of each code's cell (the values nearest it), for values (V,) in ascending order.
+
+    A code's probability is its density times its cell's width: the codebook is densest where weights are
+    common, so the density alone would pull every weight toward the crowded middle of the codebook.
+    The two end cells are unbounded; they get their inner half-width twice.
+    """
+    if len(values) < 2:
+        return torch.zeros_like(values)
+    gaps = values[1:] - values[:-1]
+    widths = torch.cat([gaps[:1], gaps]) / 2 + torch.cat([gaps, gaps[-1:]]) / 2
+    return widths.clamp_min(1e-30).log()
+
+
+def _cholesky(covs: torch.Tensor) -> torch.Tensor:
+    # Shrinkage keeps a covariance positive definite; the jitter covers rounding at dead-unit positions (std ~ 0).
+    n = covs.shape[-1]
+    return torch.linalg.cholesky((covs + covs.transpose(-1, -2)) / 2 + 1e-10 * torch.eye(n, dtype=torch.float64))
+
+
+class FirstLayerPrior:
+    """Class mixtures of Gaussians over the first `n` weight positions, evaluated one position at a time."""
+
+    def __init__(self, mean: torch.Tensor, chol: torch.Tensor, values: torch.Tensor,
+                 log_weights: torch.Tensor | None = None):
+        if mean.ndim == 2:  # one Gaussian per class (the layout of first_layer_prior.safetensors before mixtures)
+            mean, chol = mean[:, None], chol[:, None]
+        self.mean = mean.double()  # (C, K, n)
+        self.chol = chol.double()  # (C, K, n, n), lower triangular
+        self.log_weights = (torch.zeros(mean.shape[:2]) if log_weights is None else log_weights).double()  # (C, K)
+        self.values = values.double()  # (V,) the weight value of each code, ascending
+        self.log_widths = code_log_widths(self.values)
+        self.n = self.mean.shape[2]
 
     @classmethod
-    def fit(cls, weights: torch.Tensor, labels: torch.Tensor, num_classes: int, values: torch.Tensor) -> FirstLayerPrior:
-        """From rows of first-layer weights (N, n) and their labels; a class without rows gets the pooled Gaussian."""
-        n = weights.shape[1]
-        means, chols = [], []
+    def fit(cls, weights: torch.Tensor, labels: torch.Tensor, num_classes: int, values: torch.Tensor,
+            components: int = 1, dims: int = 0) -> FirstLayerPrior:
+        """From rows of first-layer weights (N, n) and their labels; a class without rows gets the pooled fit.
+
+        components 1, dims 0: one Ledoit-Wolf Gaussian per class; otherwise gaussian_fit.fit_mixture.
+        """
+        if components == 1 and dims == 0:
+            means, covs = [], []
+            for c in range(num_classes):
+                rows = weights[labels == c]
+                g = fit_gaussian(rows if len(rows) else weights)
+                covs.append((g["std"][:, None] * (g["eigvecs"] * g["eigvals"]) @ g["eigvecs"].T * g["std"][None, :])[None])
+                means.append(g["mean"][None])
+            return cls(torch.stack(means), _cholesky(torch.stack(covs)), values)
+        if dims < 1:
+            raise UsageError(f"sample.prior_components = {components} needs sample.prior_dims >= 1, got {dims}")
+        fits = []
         for c in range(num_classes):
             rows = weights[labels == c]
-            g = fit_gaussian(rows if len(rows) else weights)
-            cov = g["std"][:, None] * (g["eigvecs"] * g["eigvals"]) @ g["eigvecs"].T * g["std"][None, :]
-            # Shrinkage keeps it positive definite; the jitter covers rounding at dead-unit positions (std ~ 0).
-            cov = (cov + cov.T) / 2 + 1e-10 * torch.eye(n, dtype=torch.float64)
-            means.append(g["mean"])
-            chols.append(torch.linalg.cholesky(cov))
-        return cls(torch.stack(means), torch.stack(chols), values)
+            fits.append(pad_mixture(fit_mixture(rows if len(rows) else weights, components, dims, seed=c), components, dims))
+        low_rank = {key: torch.stack([f[key] for f in fits]) for key in fits[0]}
+        return cls.from_low_rank(low_rank, values)
 
-    def start(self, b: int) -> torch.Tensor:
-        """The whitened values of b fields, none decoded yet: (b, n) zeros that `observe` fills in."""
-        return torch.zeros(b, self.n, dtype=torch.float64)
+    @classmethod
+    def from_low_rank(cls, low_rank: dict[str, torch.Tensor], values: torch.Tensor) -> FirstLayerPrior:
+        """From fit_mixture's parameters, padded (pad_mixture) and stacked per class (C, ...)."""
+        low_rank = {k: v.double() for k, v in low_rank.items()}
+        moments = [mixture_moments({k: v[c] for k, v in low_rank.items()}) for c in range(len(low_rank["centre"]))]
+        return cls(torch.stack([m for m, _ in moments]), _cholesky(torch.stack([s for _, s in moments])), values,
+                   low_rank["log_weights"])
 
-    def _conditional_mean(self, labels: torch.Tensor, z: torch.Tensor, i: int) -> torch.Tensor:
-        return self.mean[labels, i] + (z[:, :i] * self.chol[:, i, :i][labels]).sum(1)
+    def start(self, b: int, labels: torch.Tensor) -> PriorState:
+        """The state of b fields of classes `labels` (b,), none of their values decoded yet."""
+        return PriorState(torch.zeros(b, self.mean.shape[1], self.n, dtype=torch.float64),
+                          self.log_weights[labels].clone())
 
-    def log_density(self, labels: torch.Tensor, z: torch.Tensor, i: int) -> torch.Tensor:
-        """log N(v_c; m_i, s_i^2) of every code value, up to a constant per field: (b, K) float32."""
-        m = self._conditional_mean(labels, z, i)
-        s = self.chol[labels, i, i]
-        return (-0.5 * ((self.values[None] - m[:, None]) / s[:, None]) ** 2).float()
+    def _conditional(self, labels: torch.Tensor, state: PriorState, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each component's mean and std (b, K) of weight i given the decoded values."""
+        m = self.mean[labels, :, i] + (state.z[:, :, :i] * self.chol[:, :, i, :i][labels]).sum(2)
+        return m, self.chol[labels, :, i, i]
 
-    def observe(self, labels: torch.Tensor, z: torch.Tensor, i: int, codes: torch.Tensor) -> None:
+    def log_density(self, labels: torch.Tensor, state: PriorState, i: int) -> torch.Tensor:
+        """log p(v_c | decoded values) of every code value, up to a constant per field: (b, V) float32."""
+        m, s = self._conditional(labels, state, i)
+        per_component = -0.5 * ((self.values - m[..., None]) / s[..., None]) ** 2 - s.log()[..., None] + self.log_widths
+        if per_component.shape[1] == 1:
+            return per_component[:, 0].float()
+        posterior = torch.log_softmax(state.loglik, 1)
+        return torch.logsumexp(posterior[..., None] + per_component, 1).float()
+
+    def observe(self, labels: torch.Tensor, state: PriorState, i: int, codes: torch.Tensor) -> None:
         """Record the codes (b,) decoded at position i."""
-        z[:, i] = (self.values[codes] - self._conditional_mean(labels, z, i)) / self.chol[labels, i, i]
+        m, s = self._conditional(labels, state, i)
+        z = (self.values[codes][:, None] - m) / s
+        state.z[:, :, i] = z
+        state.loglik += -0.5 * z ** 2 - s.log()
 
 
-def save_prior(path: Path, prior: FirstLayerPrior, tokenizer_id: str) -> None:
-    save_tensors(path, {"mean": prior.mean.float(), "chol": prior.chol.float(), "values": prior.values.float()},
-                 {"tokenizer_id": tokenizer_id})
+def save_prior(path: Path, codes: torch.Tensor, labels: torch.Tensor, tokenizer_id: str) -> None:
+    """What a run's prior is fitted from, for a model folder without training tokens: the first-layer codes
+    (N, n) of the training rows and their labels. About 1 MB for MNIST, where a fitted mixture of 16 components
+    in 128 dims would take 12 MB, and refitting takes about a second."""
+    small = torch.uint8 if codes.numel() == 0 or int(codes.max()) < 256 else torch.int16
+    save_tensors(path, {"codes": codes.to(small), "labels": labels.long()}, {"tokenizer_id": tokenizer_id})
 
 
-def run_prior(run_dir: Path, tok: Tokenizer) -> FirstLayerPrior:
-    """The first-layer prior of a run, fitted on its training tokens (tokens.safetensors, split.json).
+def _load_prior(saved: Path, tok: Tokenizer, components: int, dims: int) -> FirstLayerPrior:
+    t, meta = load_tensors(saved)
+    if meta.get("tokenizer_id") != tok.id:
+        raise ArtifactError(f"{saved}: made for another tokenizer than the run's tokenizer.safetensors")
+    c, n = tok.vocab.num_classes, tok.spec.layer_params[0]
+    if "codes" in t:
+        codes, labels = t["codes"].long(), t.get("labels")
+        if codes.ndim != 2 or codes.shape[1] != n or labels is None or labels.shape != codes.shape[:1]:
+            raise ArtifactError(f"{saved}: needs codes (N, {n}) and labels (N,), got codes {tuple(codes.shape)}")
+        if int(codes.min()) < 0 or int(codes.max()) >= tok.vocab.num_codes or int(labels.min()) < 0 \
+                or int(labels.max()) >= c:
+            raise ArtifactError(f"{saved}: codes or labels out of range ({tok.vocab.num_codes} codes, {c} classes)")
+        return FirstLayerPrior.fit(tok.codebook[codes], labels, c, tok.codebook, components, dims)
+    # The first shipped priors: one fitted Gaussian per class (mean (C, n), Cholesky factor (C, n, n)).
+    mean, chol = t.get("mean"), t.get("chol")
+    if mean is None or chol is None or mean.shape != (c, n) or chol.shape != (c, n, n):
+        raise ArtifactError(f"{saved}: needs codes and labels, or mean ({c}, {n}) and chol ({c}, {n}, {n})")
+    if (components, dims) != (1, 0):
+        raise UsageError(f"{saved}: this model ships one fitted Gaussian per class; use sample.prior_components = 1, "
+                         "sample.prior_dims = 0")
+    return FirstLayerPrior(mean, chol, t["values"] if "values" in t else tok.codebook)
 
-    A shipped pretrained model has no training tokens; `pretrained.export` saves its fitted prior instead.
-    """
-    saved = run_dir / PRIOR_FILE
-    if saved.exists():
-        t, meta = load_tensors(saved, {"mean": torch.float32, "chol": torch.float32, "values": torch.float32})
-        if meta.get("tokenizer_id") != tok.id:
-            raise ArtifactError(f"{saved}: made for another tokenizer than {run_dir / 'tokenizer.safetensors'}")
-        if t["chol"].ndim != 3 or t["mean"].shape != t["chol"].shape[:2] or t["mean"].shape[0] != tok.vocab.num_classes:
-            raise ArtifactError(f"{saved}: mean {tuple(t['mean'].shape)} and chol {tuple(t['chol'].shape)} "
-                                f"don't fit {tok.vocab.num_classes} classes")
-        return FirstLayerPrior(t["mean"], t["chol"], t["values"])
+
+def prior_training_codes(run_dir: Path, tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first-layer codes (N, n) and labels (N,) of a run's training rows: what its prior is fitted on."""
     if tok.offsets != "none" or tok.order != "input_first":
         raise UsageError(f"sample.prior_weight > 0: the prior is on the raw first-layer weights, but the run's tokens "
                          f"are tokenize.offsets = {tok.offsets}, tokenize.order = {tok.order}; use prior_weight 0")
@@ -99,5 +179,17 @@ def run_prior(run_dir: Path, tok: Tokenizer) -> FirstLayerPrior:
                             "tokens, and this run has none (a shipped pretrained model?); use prior_weight 0")
     tokens, labels = load_tokens(run_dir, tok.id)
     rows = training_rows(load_split(run_dir), load_metadata(run_dir / TOKENS_FILE))
-    first = tok.spec.layer_params[0]
-    return FirstLayerPrior.fit(tok.codebook[tokens[rows, :first]], labels[rows], tok.vocab.num_classes, tok.codebook)
+    return tokens[rows, :tok.spec.layer_params[0]], labels[rows]
+
+
+def run_prior(run_dir: Path, tok: Tokenizer, components: int = 1, dims: int = 0) -> FirstLayerPrior:
+    """The first-layer prior of a run, fitted on its training tokens (tokens.safetensors, split.json).
+
+    A shipped pretrained model has no training tokens; `pretrained.export` saves the first-layer codes the
+    prior is fitted from instead (save_prior).
+    """
+    saved = run_dir / PRIOR_FILE
+    if saved.exists():
+        return _load_prior(saved, tok, components, dims)
+    codes, labels = prior_training_codes(run_dir, tok)
+    return FirstLayerPrior.fit(tok.codebook[codes], labels, tok.vocab.num_classes, tok.codebook, components, dims)

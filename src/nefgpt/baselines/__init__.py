@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BASELINES = ("regression", "diffusion", "gaussian", "copy_noise", "marginals")
+BASELINES = ("regression", "diffusion", "gaussian", "copy_noise", "marginals", "mixture")
 
 
 def baseline_module(name: str) -> ModuleType:
