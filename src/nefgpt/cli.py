@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="draw this many candidates per field and keep those the model places most "
                                 "clearly in their class (1 = off)")
             p.add_argument("--prior-weight", dest="prior_weight", type=float,
-                           help="multiply a per-class Gaussian on the first layer into the model, to this power "
-                                "(0 = off)")
+                           help="multiply a per-class prior on the first layer into the model, to this power "
+                                "(0 = off; its shape: --set sample.prior_components=K sample.prior_dims=D)")
             p.add_argument("-n", type=int, help="samples per class")
             p.add_argument("--seed", type=int, help="sampling seed")
         if name == "sample":

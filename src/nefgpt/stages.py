@@ -109,7 +109,7 @@ ADDED_LATER = {("fit", "init_l2"): 0.0, ("fit", "augment_shifts"): 0, ("train", 
                ("tokenize", "order"): "input_first", ("sample", "prior_weight"): 0.0, ("tune", "prior_weights"): [0.0],
                ("sample", "prior_components"): 1, ("sample", "prior_dims"): 0, ("sample", "first_layer_gpt_weight"): 1.0,
                ("tune", "prior_components"): [1], ("tune", "prior_dims"): [0], ("tune", "first_layer_gpt_weights"): [1.0],
-               ("baseline", "components"): 8, ("baseline", "dims"): 64}
+               ("baseline", "components"): 16, ("baseline", "dims"): 128}
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:

@@ -31,7 +31,7 @@ _LOW_RANK = ("centre", "basis", "component_means", "component_covs", "residual_v
 
 def class_mixture(model: dict, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class k's component means (K, p), Cholesky factors (K, p, p) and log weights (K,), from the checkpoint's
-    low-rank parameters (the full factors of 8 components x 561 weights would take 20 MB per class)."""
+    low-rank parameters (the full factors of 16 components x 561 weights would take 40 MB per class)."""
     means, covs = mixture_moments({key: model[key][k] for key in _LOW_RANK})
     chols = torch.linalg.cholesky(covs + _JITTER * torch.eye(covs.shape[-1], dtype=covs.dtype))
     return means, chols, model["log_weights"][k]
