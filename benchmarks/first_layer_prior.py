@@ -10,7 +10,7 @@ where m_i and s_i are the class Gaussian's conditional mean and std given the fi
 far (a running forward substitution through the Cholesky factor of its covariance). The Gaussian is fitted per
 class on the dequantized training tokens, with the Gaussian baseline's Ledoit-Wolf shrinkage. Temperature,
 guidance and the rest apply to the sum as usual; lam = 0 is the plain sampler. a (the GPT's weight on the first
-layer, `sample.first_layer_gpt_weight`) is 1 unless a grid item gives it as a fourth value.
+layer, `sample.prior_gpt_weight`) is 1 unless a grid item gives it as a fourth value.
 `--components K --dims D` makes the prior a mixture of K Gaussians per class in its D leading principal
 directions (`sample.prior_components`, `sample.prior_dims`).
 
@@ -41,17 +41,17 @@ from nefgpt.codebook import Tokenizer, load_tokenizer, load_tokens
 from nefgpt.figures import save_sample_grid
 from nefgpt.generate import generate
 from nefgpt.split import load_split
-from nefgpt.weight_prior import FirstLayerPrior
+from nefgpt.weight_prior import WeightPrior
 
 PER_CLASS = 50
 DEFAULT_GRID = "1,1,0 1,1,0.5 1,1,1 1,1.1,0.3 1,1.2,0.5 1,1.3,1 2,0.8,0 2,0.8,0.5 2,0.7,0"
 
 
-def decode(model, tok: Tokenizer, prior: FirstLayerPrior, c: int, n: int, guidance: float, temperature: float,
+def decode(model, tok: Tokenizer, prior: WeightPrior, c: int, n: int, guidance: float, temperature: float,
            lam: float, gpt_weight: float, gen: torch.Generator) -> torch.Tensor:
     """n code sequences of class c, through the package's sampler (nefgpt.generate with sample.prior_weight)."""
     return generate(model, torch.full((n,), c), tok.vocab, tok.spec.num_params, temperature, 0, 1.0, gen,
-                    guidance=guidance, prior=prior, prior_weight=lam, first_layer_gpt_weight=gpt_weight)
+                    guidance=guidance, prior=prior, prior_weight=lam, prior_gpt_weight=gpt_weight)
 
 
 def parse_grid(text: str) -> list[tuple[float, float, float, float]]:
@@ -103,7 +103,7 @@ def main() -> None:
     tokens, labels = load_tokens(args.run, tok.id)
     train = torch.tensor(load_split(args.run)["train"], dtype=torch.long)
     first = tok.spec.layer_params[0] if args.prior_on == "first" else tok.spec.num_params
-    prior = FirstLayerPrior.fit(tok.codebook[tokens[train, :first]], labels[train], tok.vocab.num_classes, tok.codebook,
+    prior = WeightPrior.fit(tok.codebook[tokens[train, :first]], labels[train], tok.vocab.num_classes, tok.codebook,
                                    args.components, args.dims)
     model, _ = load_checked_model(args.run, tok.vocab, tok.spec, tok.id)
     model.eval()
@@ -118,7 +118,7 @@ def main() -> None:
         gen = torch.Generator().manual_seed(args.seed)
         out = torch.cat([decode(model, tok, prior, c, PER_CLASS, g, t, lam, a, gen) for c in classes])
         lab = torch.tensor(classes).repeat_interleave(PER_CLASS)
-        r = {"guidance": g, "temperature": t, "prior_weight": lam, "first_layer_gpt_weight": a, **score(args.run, tok, out, lab),
+        r = {"guidance": g, "temperature": t, "prior_weight": lam, "prior_gpt_weight": a, **score(args.run, tok, out, lab),
              "seconds": time.perf_counter() - t0}
         results.append(r)
         if (g, t, lam, a) in shown_keys:

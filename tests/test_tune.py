@@ -40,7 +40,8 @@ def test_candidate_settings_cover_the_grid_in_order_without_duplicates():
     cfg = TuneConfig(temperatures=[0.8, 1.0], top_ks=[0, 3, 3], top_ps=[1.0, 0.9])
     settings = candidate_settings(cfg, num_codes=245)
     assert len(settings) == 8
-    off = {"min_p": 0.0, "guidance": 1.0, "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0}
+    off = {"min_p": 0.0, "guidance": 1.0, "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
+           "prior_positions": "first_layer"}
     assert settings[0] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0, **off}
     assert settings[1] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, **off}
     assert settings[-1] == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, **off}
@@ -51,10 +52,15 @@ def test_candidate_settings_cover_the_grid_in_order_without_duplicates():
 
 def test_the_prior_s_shape_is_searched_only_where_the_prior_is_on():
     cfg = TuneConfig(temperatures=[1.0], top_ks=[0], top_ps=[1.0], prior_weights=[0.0, 1.0], prior_components=[1, 4],
-                     prior_dims=[32], first_layer_gpt_weights=[0.5, 1.0])
+                     prior_dims=[32], prior_gpt_weights=[0.5, 1.0])
     settings = candidate_settings(cfg, num_codes=245)
-    shapes = [(s["prior_weight"], s["prior_components"], s["prior_dims"], s["first_layer_gpt_weight"]) for s in settings]
+    shapes = [(s["prior_weight"], s["prior_components"], s["prior_dims"], s["prior_gpt_weight"]) for s in settings]
     assert shapes == [(0.0, 1, 0, 1.0), (1.0, 1, 32, 0.5), (1.0, 1, 32, 1.0), (1.0, 4, 32, 0.5), (1.0, 4, 32, 1.0)]
+    cfg = TuneConfig(temperatures=[1.0], top_ks=[0], top_ps=[1.0], prior_weights=[0.0, 1.0],
+                     prior_positions=["first_layer", "all"])
+    settings = candidate_settings(cfg, num_codes=245)
+    assert [(s["prior_weight"], s["prior_positions"]) for s in settings] == [
+        (0.0, "first_layer"), (1.0, "first_layer"), (1.0, "all")]
     with pytest.raises(UsageError, match="prior_dims"):
         candidate_settings(TuneConfig(prior_weights=[1.0], prior_components=[4], prior_dims=[0]), 245)
 
@@ -174,11 +180,13 @@ def test_load_best_setting_reads_types_and_names_a_bad_file(tmp_path):
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 1, "top_k": 3.0, "top_p": 0.9, "accuracy": 0.9}})
     # A tune.json written before guidance, min-p and oversampling were tuned means plain conditional sampling.
     assert load_best_setting(tmp_path) == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "min_p": 0.0, "guidance": 1.0,
-                                           "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0}
+                                           "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
+           "prior_positions": "first_layer"}
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 0.7, "top_k": 0, "top_p": 1, "min_p": 0.1,
                                               "guidance": 2, "oversample": 3}})
     assert load_best_setting(tmp_path) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "guidance": 2.0,
-                                           "oversample": 3.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0}
+                                           "oversample": 3.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
+           "prior_positions": "first_layer"}
     save_json(tmp_path / TUNE_FILE, {"settings": []})
     with pytest.raises(ArtifactError, match="tune.json"):
         load_best_setting(tmp_path)
@@ -310,7 +318,8 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
                    *sets("tune.temperatures=[0.6]", "tune.top_ks=[1]", "tune.top_ps=[0.8]"))
     assert rc == 0, err
     tuned = {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0,
-             "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0}
+             "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
+           "prior_positions": "first_layer"}
     assert load_best_setting(run_copy) == tuned
     rc, err = call("sample", "--out", run_copy, "--quiet")
     assert rc == 0 and "[sample] running" in err, err
@@ -335,7 +344,8 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
     assert rc == 0, err
     # (config.json's own values: the fallback, with the values given by hand above)
     assert sampling_used(run_copy) == {"temperature": 0.9, "top_k": 4, "top_p": 1.0, "min_p": 0.1, "guidance": 1.0,
-                                       "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "first_layer_gpt_weight": 1.0, "use_tuned": False}
+                                       "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
+           "prior_positions": "first_layer", "use_tuned": False}
 
 
 def test_evaluate_writes_its_figures(run_copy):
@@ -448,15 +458,19 @@ def test_balanced_objective_adds_the_diversity_gap(run_copy):
 def test_the_first_layer_prior_is_tuned_and_sampled(run_copy):
     rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets(
         "tune.prior_weights=[0, 0.5]", "tune.prior_components=[1, 2]", "tune.prior_dims=[3]",
-        "tune.first_layer_gpt_weights=[0.5]", "tune.temperatures=[1.0]", "tune.top_ks=[0]"))
+        "tune.prior_gpt_weights=[0.5]", 'tune.prior_positions=["first_layer"]', "tune.temperatures=[1.0]",
+        "tune.top_ks=[0]"))
     assert rc == 0, err
     rows = json.loads((run_copy / TUNE_FILE).read_text())["settings"]
-    shapes = [(r["prior_weight"], r["prior_components"], r["prior_dims"], r["first_layer_gpt_weight"]) for r in rows]
+    shapes = [(r["prior_weight"], r["prior_components"], r["prior_dims"], r["prior_gpt_weight"]) for r in rows]
     assert shapes == [(0.0, 1, 0, 1.0), (0.5, 1, 3, 0.5), (0.5, 2, 3, 0.5)]
     table = (run_copy / TUNE_TABLE_FILE).read_text()
     assert "| prior |" in table and "0.5 (2×3 GPT 0.5)" in table
     rc, err = call("sample", "--out", run_copy, "--quiet", "--prior-weight", "2")
     assert rc == 0, err
     assert sampling_used(run_copy) == {**load_best_setting(run_copy), "prior_weight": 2.0, "use_tuned": True}
+    rc, err = call("sample", "--out", run_copy, "--quiet", *sets("sample.prior_positions=all"))
+    assert rc == 0, err
+    assert sampling_used(run_copy)["prior_positions"] == "all"
     rc, err = call("sample", "--out", run_copy, "--quiet", "--prior-weight", "-1")
     assert rc == 2 and "prior_weight must be a finite number >= 0" in err

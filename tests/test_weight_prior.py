@@ -10,19 +10,19 @@ from nefgpt.errors import UsageError
 from nefgpt.gaussian_fit import fit_gaussian, fit_mixture, mixture_moments
 from nefgpt.generate import generate
 from nefgpt.model import GPT, GPTConfig
-from nefgpt.weight_prior import FirstLayerPrior, code_log_widths
+from nefgpt.weight_prior import WeightPrior, code_log_widths
 
 VOCAB = Vocab(num_codes=12, num_classes=3)
 NUM_WEIGHTS, N_PRIOR = 20, 6
 VALUES = torch.linspace(-1, 1, VOCAB.num_codes)
 
 
-def random_prior(seed: int = 0) -> tuple[FirstLayerPrior, torch.Tensor, torch.Tensor]:
+def random_prior(seed: int = 0) -> tuple[WeightPrior, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     mean = torch.randn(VOCAB.num_classes, N_PRIOR, generator=g, dtype=torch.float64) * 0.3
     a = torch.randn(VOCAB.num_classes, N_PRIOR, N_PRIOR, generator=g, dtype=torch.float64) * 0.3
     cov = a @ a.transpose(1, 2) + 0.05 * torch.eye(N_PRIOR, dtype=torch.float64)
-    return FirstLayerPrior(mean, torch.linalg.cholesky(cov), VALUES), mean, cov
+    return WeightPrior(mean, torch.linalg.cholesky(cov), VALUES), mean, cov
 
 
 def test_sequential_conditionals_equal_the_gaussian_conditioning_formula():
@@ -48,7 +48,7 @@ def test_fit_gives_each_class_its_shrunk_gaussian_and_absent_classes_the_pooled_
     g = torch.Generator().manual_seed(3)
     weights = torch.randn(40, N_PRIOR, generator=g)
     labels = torch.tensor([0] * 25 + [1] * 15)
-    prior = FirstLayerPrior.fit(weights, labels, 3, VALUES)
+    prior = WeightPrior.fit(weights, labels, 3, VALUES)
     for c, rows in ((0, weights[:25]), (1, weights[25:]), (2, weights)):
         ref = fit_gaussian(rows)
         cov = ref["std"][:, None] * (ref["eigvecs"] * ref["eigvals"]) @ ref["eigvecs"].T * ref["std"][None, :]
@@ -115,12 +115,13 @@ def test_run_prior_refuses_tokens_that_are_not_raw_weights_and_runs_without_toke
     from nefgpt.errors import ArtifactError
     from nefgpt.weight_prior import run_prior
 
+    spec = SimpleNamespace(layer_params=[N_PRIOR, 4], num_params=N_PRIOR + 4)
     with pytest.raises(UsageError, match="tokenize.offsets = pca"):
-        run_prior(tmp_path, SimpleNamespace(offsets="pca", order="input_first"))
+        run_prior(tmp_path, SimpleNamespace(offsets="pca", order="input_first", spec=spec))
     with pytest.raises(UsageError, match="tokenize.order = output_first"):
-        run_prior(tmp_path, SimpleNamespace(offsets="none", order="output_first"))
+        run_prior(tmp_path, SimpleNamespace(offsets="none", order="output_first", spec=spec))
     with pytest.raises(ArtifactError, match="tokens.safetensors"):
-        run_prior(tmp_path, SimpleNamespace(offsets="none", order="input_first"))
+        run_prior(tmp_path, SimpleNamespace(offsets="none", order="input_first", spec=spec))
 
 
 def test_a_shipped_prior_is_refitted_from_its_codes_and_must_match_the_tokenizer(tmp_path):
@@ -132,18 +133,24 @@ def test_a_shipped_prior_is_refitted_from_its_codes_and_must_match_the_tokenizer
     from nefgpt.weight_prior import run_prior, save_prior
 
     g = torch.Generator().manual_seed(2)
-    codes = torch.randint(0, VOCAB.num_codes, (60, N_PRIOR), generator=g)
+    codes = torch.randint(0, VOCAB.num_codes, (60, N_PRIOR + 4), generator=g)  # every weight's code
     labels = torch.arange(60) % 3
     save_prior(tmp_path / PRIOR_FILE, codes, labels, "abc")
     tok = SimpleNamespace(id="abc", offsets="none", order="input_first", vocab=VOCAB, codebook=VALUES,
-                          spec=SimpleNamespace(layer_params=[N_PRIOR]))
-    for shape in ((1, 0), (3, 4)):  # any shape: the codes are what the prior is fitted on
-        loaded = run_prior(tmp_path, tok, *shape)
-        want = FirstLayerPrior.fit(VALUES[codes], labels, 3, VALUES, *shape)
+                          spec=SimpleNamespace(layer_params=[N_PRIOR, 4], num_params=N_PRIOR + 4))
+    # Any shape and either set of positions: the codes are what the prior is fitted on.
+    for shape, positions, n in (((1, 0), "first_layer", N_PRIOR), ((3, 4), "first_layer", N_PRIOR),
+                                ((3, 4), "all", N_PRIOR + 4)):
+        loaded = run_prior(tmp_path, tok, *shape, positions)
+        want = WeightPrior.fit(VALUES[codes[:, :n]], labels, 3, VALUES, *shape)
+        assert loaded.n == n
         torch.testing.assert_close(loaded.mean, want.mean)
         torch.testing.assert_close(loaded.chol, want.chol)
     with pytest.raises(ArtifactError, match="another tokenizer"):
         run_prior(tmp_path, SimpleNamespace(**{**vars(tok), "id": "xyz"}))
+    save_prior(tmp_path / PRIOR_FILE, codes[:, :N_PRIOR], labels, "abc")  # too few positions for "all"
+    with pytest.raises(ArtifactError, match="codes"):
+        run_prior(tmp_path, tok, 1, 0, "all")
     save_prior(tmp_path / PRIOR_FILE, codes[:, :2], labels, "abc")
     with pytest.raises(ArtifactError, match="codes"):
         run_prior(tmp_path, tok)
@@ -156,20 +163,20 @@ def test_a_shipped_prior_is_refitted_from_its_codes_and_must_match_the_tokenizer
         run_prior(tmp_path, tok, 4, 32)
 
 
-def random_mixture(seed: int = 0, k: int = 3) -> FirstLayerPrior:
+def random_mixture(seed: int = 0, k: int = 3) -> WeightPrior:
     g = torch.Generator().manual_seed(seed)
     mean = torch.randn(VOCAB.num_classes, k, N_PRIOR, generator=g, dtype=torch.float64) * 0.5
     a = torch.randn(VOCAB.num_classes, k, N_PRIOR, N_PRIOR, generator=g, dtype=torch.float64) * 0.3
     cov = a @ a.transpose(-1, -2) + 0.05 * torch.eye(N_PRIOR, dtype=torch.float64)
     logw = torch.log_softmax(torch.randn(VOCAB.num_classes, k, generator=g, dtype=torch.float64), 1)
-    return FirstLayerPrior(mean, torch.linalg.cholesky(cov), VALUES, logw)
+    return WeightPrior(mean, torch.linalg.cholesky(cov), VALUES, logw)
 
 
 def test_a_mixture_s_sequential_conditionals_are_its_exact_conditionals():
     # Brute force: p(v | x_<i) is proportional to the mixture's joint density of (x_<i, v), times the code's cell.
     prior = random_mixture()
     uneven = torch.tensor(sorted(torch.rand(VOCAB.num_codes, generator=torch.Generator().manual_seed(5)) * 2 - 1))
-    prior = FirstLayerPrior(prior.mean, prior.chol, uneven, prior.log_weights)
+    prior = WeightPrior(prior.mean, prior.chol, uneven, prior.log_weights)
     cov = prior.chol @ prior.chol.transpose(-1, -2)
     labels = torch.tensor([0, 2, 1])
     codes = torch.randint(0, VOCAB.num_codes, (3, N_PRIOR), generator=torch.Generator().manual_seed(1))
@@ -219,18 +226,34 @@ def test_fit_mixture_keeps_the_residual_outside_its_directions_and_pads_small_cl
     torch.testing.assert_close(total, x.var(0, correction=0).sum(), rtol=1e-3, atol=1e-3)
     # A class with fewer rows than components gets padding components of no weight; it still samples.
     labels = torch.tensor([0] * 48 + [1] * 2)
-    prior = FirstLayerPrior.fit(x.float(), labels, 2, VALUES, components=3, dims=2)
+    prior = WeightPrior.fit(x.float(), labels, 2, VALUES, components=3, dims=2)
     assert prior.mean.shape == (2, 3, 8) and prior.log_weights[1].exp().sum() == pytest.approx(1.0)
     state = prior.start(2, torch.tensor([0, 1]))
     assert torch.isfinite(prior.log_density(torch.tensor([0, 1]), state, 0)).all()
     with pytest.raises(UsageError, match="prior_dims"):
-        FirstLayerPrior.fit(x.float(), labels, 2, VALUES, components=3, dims=0)
+        WeightPrior.fit(x.float(), labels, 2, VALUES, components=3, dims=0)
 
 
-def test_the_first_layer_gpt_weight_scales_the_model_on_the_prior_s_positions_only(model):
+def test_the_prior_gpt_weight_scales_the_model_on_the_prior_s_positions_only(model):
     prior = random_mixture()
     labels = [0, 1, 2, 1]
     # GPT weight 0 with a strong prior: the prior alone picks the first positions, whatever the model says.
-    alone = draw(model, labels, prior, 1e6, first_layer_gpt_weight=0.0)
-    assert torch.equal(alone[:, :N_PRIOR], draw(model, labels, prior, 1e6, first_layer_gpt_weight=0.0, seed=7)[:, :N_PRIOR])
-    assert draw(model, labels, prior, 1.0, first_layer_gpt_weight=0.5).shape == (4, NUM_WEIGHTS)
+    alone = draw(model, labels, prior, 1e6, prior_gpt_weight=0.0)
+    assert torch.equal(alone[:, :N_PRIOR], draw(model, labels, prior, 1e6, prior_gpt_weight=0.0, seed=7)[:, :N_PRIOR])
+    assert draw(model, labels, prior, 1.0, prior_gpt_weight=0.5).shape == (4, NUM_WEIGHTS)
+
+
+def test_a_prior_on_every_position_steers_the_whole_sequence(model):
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(VOCAB.num_classes, NUM_WEIGHTS, NUM_WEIGHTS, generator=g, dtype=torch.float64) * 0.1
+    cov = a @ a.transpose(1, 2) + 0.02 * torch.eye(NUM_WEIGHTS, dtype=torch.float64)
+    mean = torch.randn(VOCAB.num_classes, NUM_WEIGHTS, generator=g, dtype=torch.float64) * 0.5
+    prior = WeightPrior(mean, torch.linalg.cholesky(cov), VALUES)
+    labels = [0, 1, 2]
+    # A strong prior with the GPT at weight 0: its most likely codes, at every position of the field.
+    out = draw(model, labels, prior, 1e6, prior_gpt_weight=0.0)
+    state = prior.start(3, torch.tensor(labels))
+    for i in range(NUM_WEIGHTS):
+        want = prior.log_density(torch.tensor(labels), state, i).argmax(1)
+        assert torch.equal(out[:, i], want)
+        prior.observe(torch.tensor(labels), state, i, out[:, i])

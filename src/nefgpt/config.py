@@ -156,9 +156,11 @@ class SampleConfig:
     # directions; 1 and 0 is one Ledoit-Wolf Gaussian on all the first layer's positions.
     prior_components: int = 1
     prior_dims: int = 0
-    # The GPT's logits count this much on the first layer's positions while the prior is on: 1 is the plain
-    # product of the two, 0 leaves the first layer to the prior alone.
-    first_layer_gpt_weight: float = 1.0
+    # The GPT's logits count this much at the prior's positions: 1 is the plain product of the two, 0 leaves
+    # those positions to the prior alone.
+    prior_gpt_weight: float = 1.0
+    # The positions the prior covers: first_layer (W1 and b1) or all (every weight, one density per class).
+    prior_positions: str = "first_layer"
     batch_size: int = 250
     seed: int = 0
 
@@ -178,7 +180,8 @@ class TuneConfig:
     prior_weights: list[float] = field(default_factory=lambda: [0.0])  # sample.prior_weight values; 0 is off
     prior_components: list[int] = field(default_factory=lambda: [1])  # sample.prior_components values
     prior_dims: list[int] = field(default_factory=lambda: [0])  # sample.prior_dims values
-    first_layer_gpt_weights: list[float] = field(default_factory=lambda: [1.0])  # sample.first_layer_gpt_weight
+    prior_gpt_weights: list[float] = field(default_factory=lambda: [1.0])  # sample.prior_gpt_weight
+    prior_positions: list[str] = field(default_factory=lambda: ["first_layer"])  # sample.prior_positions
     search: str = "grid"  # grid | random
     budget: int = 0  # at most this many settings (random search draws them); 0 = the whole grid
     # Wall-clock budget of the stage in minutes (0 = none): settings are tried in order and no new one starts

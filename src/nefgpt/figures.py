@@ -90,18 +90,19 @@ def _annotated_map(ax, values: np.ndarray, text: list[list[str]], cmap: str, vmi
 
 # The sampling dimensions of tune.json rows, with their defaults for files written before they were tuned.
 _TUNE_DIMS = {"top_k": 0, "temperature": 1.0, "guidance": 1.0, "min_p": 0.0, "top_p": 1.0, "oversample": 1.0,
-              "prior_weight": 0.0, "first_layer_gpt_weight": 1.0, "prior_components": 1, "prior_dims": 0}
+              "prior_weight": 0.0, "prior_gpt_weight": 1.0, "prior_components": 1, "prior_dims": 0,
+              "prior_positions": "first_layer"}
 _TUNE_LABELS = {"top_k": "top-k", "temperature": "temperature", "guidance": "guidance", "min_p": "min-p",
                 "top_p": "top-p", "oversample": "oversample", "prior_weight": "prior weight",
-                "first_layer_gpt_weight": "GPT weight on W1", "prior_components": "prior components",
-                "prior_dims": "prior dims"}
+                "prior_gpt_weight": "GPT weight under the prior", "prior_components": "prior components",
+                "prior_dims": "prior dims", "prior_positions": "prior positions"}
 
 
 def _tune_axes(rows: list[dict]) -> tuple[str, str]:
     """(row dimension, column dimension) of the tuning heatmap: the dimensions that vary.
 
     Columns are top-k when it varies (else the second varying dimension); rows are the first other varying
-    dimension in the order temperature, guidance, min-p, top-p, oversample, prior weight, GPT weight on W1,
+    dimension in the order temperature, guidance, min-p, top-p, oversample, prior weight, GPT weight under the prior,
     prior components, prior dims.
     """
     value = lambda r, d: r.get(d, _TUNE_DIMS[d])  # noqa: E731
@@ -112,7 +113,9 @@ def _tune_axes(rows: list[dict]) -> tuple[str, str]:
     return row, col
 
 
-def _tick(dim: str, v: float) -> str:
+def _tick(dim: str, v: float | str) -> str:
+    if isinstance(v, str):
+        return v
     if dim == "top_k":
         return str(v) if v else "off"
     if (dim in ("min_p", "prior_weight") and v == 0) or (dim in ("top_p", "oversample") and v == 1):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .errors import UsageError
 from .model import GPT, KVCache
 from .codebook import Vocab
-from .weight_prior import FirstLayerPrior
+from .weight_prior import WeightPrior
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -87,8 +87,8 @@ def check_guidance(value: float, trained: dict, where: str, key: str = "guidance
 @torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
              top_p: float, generator: torch.Generator, use_cache: bool = True, guidance: float = 1.0,
-             min_p: float = 0.0, prefix: torch.Tensor | None = None, prior: FirstLayerPrior | None = None,
-             prior_weight: float = 0.0, first_layer_gpt_weight: float = 1.0) -> torch.Tensor:
+             min_p: float = 0.0, prefix: torch.Tensor | None = None, prior: WeightPrior | None = None,
+             prior_weight: float = 0.0, prior_gpt_weight: float = 1.0) -> torch.Tensor:
     """Code tokens (B, num_weights) for class labels (B,); label -1 is the null class (unconditional).
 
     With guidance g != 1 the B conditional and B null-class sequences run as one batch of 2B (one cache) and
@@ -98,20 +98,20 @@ def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, t
     ``prefix`` (B, m) gives the first m tokens (in sequence order) and the model draws only the rest: a field
     completed from given weights, as benchmarks/layer_oracle.py does to find which layer the samples fall short in.
 
-    With ``prior_weight`` > 0, the logits at the prior's positions become ``first_layer_gpt_weight`` times the
+    With ``prior_weight`` > 0, the logits at the prior's positions become ``prior_gpt_weight`` times the
     (guided) logits plus ``prior_weight`` times the class prior's log-probability of each code value
     (nefgpt.weight_prior), before the temperature.
     """
     return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, use_cache, guidance,
                    min_p, score=False, prefix=prefix, prior=prior, prior_weight=prior_weight,
-                   first_layer_gpt_weight=first_layer_gpt_weight)[0]
+                   prior_gpt_weight=prior_gpt_weight)[0]
 
 
 @torch.no_grad()
 def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float,
                     top_k: int, top_p: float, generator: torch.Generator, guidance: float = 1.0,
-                    min_p: float = 0.0, prior: FirstLayerPrior | None = None,
-                    prior_weight: float = 0.0, first_layer_gpt_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    min_p: float = 0.0, prior: WeightPrior | None = None,
+                    prior_weight: float = 0.0, prior_gpt_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """generate's tokens, and each sequence's class score ``log p(w | c) - log p(w | null)`` (B,).
 
     The score is the model's own implicit classifier: with the null class as the class marginal it is
@@ -120,13 +120,13 @@ def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights:
     the null-class half this needs is the one guidance already runs (at guidance 1 it is run for the score).
     """
     return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, True, guidance, min_p,
-                   score=True, prior=prior, prior_weight=prior_weight, first_layer_gpt_weight=first_layer_gpt_weight)
+                   score=True, prior=prior, prior_weight=prior_weight, prior_gpt_weight=prior_gpt_weight)
 
 
 def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
             top_p: float, generator: torch.Generator, use_cache: bool, guidance: float, min_p: float,
-            score: bool, prefix: torch.Tensor | None = None, prior: FirstLayerPrior | None = None,
-            prior_weight: float = 0.0, first_layer_gpt_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+            score: bool, prefix: torch.Tensor | None = None, prior: WeightPrior | None = None,
+            prior_weight: float = 0.0, prior_gpt_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     device = next(model.parameters()).device
     b = labels.shape[0]
     use_prior = prior_weight > 0
@@ -172,7 +172,7 @@ def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, te
         logits = mix(raw)
         if use_prior and i < prior.n:
             log_prior = prior.log_density(prior_labels, state, i).to(logits.device)
-            logits = first_layer_gpt_weight * logits + prior_weight * log_prior
+            logits = prior_gpt_weight * logits + prior_weight * log_prior
         probs = filter_logits(logits, temperature, top_k, top_p, min_p)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
         if use_prior and i < prior.n:
@@ -198,7 +198,7 @@ def trained_config(ckpt: dict) -> dict:
 
 def draw_tokens(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, setting: dict,
                 generator: torch.Generator, batch_size: int, progress: bool = False,
-                prior: FirstLayerPrior | None = None) -> torch.Tensor:
+                prior: WeightPrior | None = None) -> torch.Tensor:
     """Code tokens (N, num_weights) for labels (N,) at a sampling setting, generated in batches of batch_size.
 
     ``setting`` has the SAMPLING_KEYS. With ``oversample`` r > 1, each class draws ceil(r k) candidates
@@ -222,7 +222,7 @@ def draw_tokens(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int
                 generator)
         kw = {"guidance": setting["guidance"], "min_p": setting["min_p"], "prior": prior,
               "prior_weight": setting.get("prior_weight", 0.0),
-              "first_layer_gpt_weight": setting.get("first_layer_gpt_weight", 1.0)}
+              "prior_gpt_weight": setting.get("prior_gpt_weight", 1.0)}
         if over == 1:
             tokens.append(generate(*args, **kw).cpu())
         else:

@@ -70,8 +70,8 @@ def export(run_dir: Path, dest: Path) -> Path:
     ckpt = load_checkpoint(run_dir / CKPT_FILE)
     kept = {k: v for k, v in ckpt.items() if k not in ("optimizer", "ema")}
     save_checkpoint(dest / CKPT_FILE, {**kept, "model": sampling_weights(ckpt)})
-    # The folder has no training tokens, so a tuned first-layer prior travels as the codes it is fitted on.
+    # The folder has no training tokens, so a tuned prior travels as the codes it is fitted on.
     if (run_dir / TUNE_FILE).exists() and load_best_setting(run_dir)["prior_weight"] > 0:
         tok = load_tokenizer(run_dir / TOKENIZER_FILE)
-        save_prior(dest / PRIOR_FILE, *prior_training_codes(run_dir, tok), tok.id)
+        save_prior(dest / PRIOR_FILE, *prior_training_codes(run_dir, tok, tok.spec.num_params), tok.id)
     return dest

@@ -23,7 +23,7 @@ from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples
 from .codebook import Vocab, load_tokenizer
-from .weight_prior import FirstLayerPrior, run_prior
+from .weight_prior import WeightPrior, run_prior
 
 
 # Sampling time per field when the run has none measured: a conservative CPU figure (the demo GPT measured
@@ -85,7 +85,7 @@ def _duration(seconds: float) -> str:
 
 
 def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleConfig, labels: list[int] | None,
-         where: str, progress: bool = False, prior: FirstLayerPrior | None = None
+         where: str, progress: bool = False, prior: WeightPrior | None = None
          ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(tokens (N, num_weights), labels (N,), conditioned): cfg.n_per_class fields for each of `labels`
     (None: every class), in that order, as the `sample` stage draws them.
@@ -126,7 +126,8 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     # Checked before the model loads too (draw checks again), so a bad setting is refused first.
     check_sampling(**{k: getattr(cfg, k) for k in SAMPLING_KEYS}, num_codes=vocab.num_codes)
     model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
-    prior = run_prior(run_dir, tok, cfg.prior_components, cfg.prior_dims) if cfg.prior_weight > 0 else None
+    prior = (run_prior(run_dir, tok, cfg.prior_components, cfg.prior_dims, cfg.prior_positions)
+             if cfg.prior_weight > 0 else None)
     t0 = time.perf_counter()
     tokens, all_labels, conditioned = draw(model, vocab, spec.num_params, trained_config(ckpt), cfg, labels,
                                            str(run_dir / CKPT_FILE), progress, prior)

@@ -107,8 +107,9 @@ SAMPLING_ONLY = {("regression", "noise"), ("diffusion", "sample_steps"), ("diffu
 # at that value, so a run directory made before the setting existed stays fresh.
 ADDED_LATER = {("fit", "init_l2"): 0.0, ("fit", "augment_shifts"): 0, ("train", "first_layer_weight"): 1.0,
                ("tokenize", "order"): "input_first", ("sample", "prior_weight"): 0.0, ("tune", "prior_weights"): [0.0],
-               ("sample", "prior_components"): 1, ("sample", "prior_dims"): 0, ("sample", "first_layer_gpt_weight"): 1.0,
-               ("tune", "prior_components"): [1], ("tune", "prior_dims"): [0], ("tune", "first_layer_gpt_weights"): [1.0],
+               ("sample", "prior_components"): 1, ("sample", "prior_dims"): 0, ("sample", "prior_gpt_weight"): 1.0,
+               ("tune", "prior_components"): [1], ("tune", "prior_dims"): [0], ("tune", "prior_gpt_weights"): [1.0],
+               ("sample", "prior_positions"): "first_layer", ("tune", "prior_positions"): ["first_layer"],
                ("baseline", "components"): 16, ("baseline", "dims"): 128}
 
 

@@ -66,7 +66,8 @@ def load_best_setting(run_dir: Path) -> dict:
                 "min_p": float(best.get("min_p", 0.0)), "guidance": float(best.get("guidance", 1.0)),
                 "oversample": float(best.get("oversample", 1.0)), "prior_weight": float(best.get("prior_weight", 0.0)),
                 "prior_components": int(best.get("prior_components", 1)), "prior_dims": int(best.get("prior_dims", 0)),
-                "first_layer_gpt_weight": float(best.get("first_layer_gpt_weight", 1.0))}
+                "prior_gpt_weight": float(best.get("prior_gpt_weight", 1.0)),
+                "prior_positions": str(best.get("prior_positions", "first_layer"))}
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"{path}: no valid 'best' sampling setting; rerun `nefgpt tune --force`") from None
 
@@ -90,15 +91,16 @@ def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     """The settings to try, in the order they are tried; all are checked (check_tune) before any sampling starts."""
     check_tune(cfg, num_codes)
     grid = []
-    shapes = list(itertools.product(cfg.prior_components, cfg.prior_dims, cfg.first_layer_gpt_weights))
-    for g, w, (pc, pd, a), t, k, p, m, r in itertools.product(cfg.guidances, cfg.prior_weights, shapes,
+    shapes = list(itertools.product(cfg.prior_positions, cfg.prior_components, cfg.prior_dims, cfg.prior_gpt_weights))
+    for g, w, (pp, pc, pd, a), t, k, p, m, r in itertools.product(cfg.guidances, cfg.prior_weights, shapes,
                                                                cfg.temperatures, cfg.top_ks, cfg.top_ps, cfg.min_ps,
                                                                cfg.oversamples):
         if w == 0:  # the prior is off, so its shape is moot: one setting, recorded with the defaults
-            pc, pd, a = 1, 0, 1.0
+            pp, pc, pd, a = "first_layer", 1, 0, 1.0
         setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p), "min_p": float(m),
                    "guidance": float(g), "oversample": float(r), "prior_weight": float(w),
-                   "prior_components": int(pc), "prior_dims": int(pd), "first_layer_gpt_weight": float(a)}
+                   "prior_components": int(pc), "prior_dims": int(pd), "prior_gpt_weight": float(a),
+                   "prior_positions": str(pp)}
         if setting not in grid:
             grid.append(setting)
     if cfg.search == "random":
@@ -147,8 +149,9 @@ def format_table(rows: list[dict], best: int, objective: str) -> str:
         w = r.get("prior_weight", 0.0)
         if w == 0:
             return "–"
-        pc, pd, a = r.get("prior_components", 1), r.get("prior_dims", 0), r.get("first_layer_gpt_weight", 1.0)
-        shape = ("" if (pc, pd) == (1, 0) else f" {pc}×{pd}") + ("" if a == 1 else f" GPT {a:g}")
+        pc, pd, a = r.get("prior_components", 1), r.get("prior_dims", 0), r.get("prior_gpt_weight", 1.0)
+        shape = ("" if (pc, pd) == (1, 0) else f" {pc}×{pd}") + ("" if a == 1 else f" GPT {a:g}") + (
+            " all" if r.get("prior_positions", "first_layer") == "all" else "")
         return f"{w:g}" + (f" ({shape.strip()})" if shape else "")
 
     def fmt(value: float | None, spec: str) -> str:
@@ -196,7 +199,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
         for value in {s[key] for s in settings}:
             check_guidance(value, trained_config(ckpt), str(run_dir / CKPT_FILE), key=key)
     priors = {shape: run_prior(run_dir, tok, *shape) for shape in
-              {(s["prior_components"], s["prior_dims"]) for s in settings if s["prior_weight"] > 0}}
+              {(s["prior_components"], s["prior_dims"], s["prior_positions"]) for s in settings if s["prior_weight"] > 0}}
     split, images, labels = load_split_images(run_dir)
     if images.shape[-1] != 28:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: tuning expects 28x28 images, the dataset has "
@@ -226,7 +229,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
             break
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(tc.seed)
-        prior = priors.get((setting["prior_components"], setting["prior_dims"]))
+        prior = priors.get((setting["prior_components"], setting["prior_dims"], setting["prior_positions"]))
         tokens = draw_tokens(model, gen_labels, vocab, spec.num_params, setting, gen, BATCH_SIZE, prior=prior)
         images_gen = field.render(spec, tok.decode(tokens), 28)
         scores = score_images(clf, images_gen, gen_labels)

@@ -1,15 +1,16 @@
-"""A per-class prior on the first layer's weights, multiplied into the GPT while sampling (sample.prior_weight).
+"""A per-class prior on a field's weights, multiplied into the GPT while sampling (sample.prior_weight).
 
 The samples fall short in the first layer (W1, b1): given a real one, the GPT draws the rest of a field well
-(benchmarks/layer_oracle.py), while its own first layers are poor. A per-class density that captures that
-layer's correlations is multiplied in: at each first-layer position i the sampler adds
+(benchmarks/layer_oracle.py), while its own first layers are poor. A per-class density that captures the
+weights' correlations is multiplied in: at each of its positions i (`sample.prior_positions`: the first layer,
+or every weight) the sampler draws from
 
-    prior_weight * log p(v_c | first-layer values decoded so far)
+    prior_gpt_weight * (the GPT's logit of c) + prior_weight * log p(v_c | the prior's values decoded so far)
 
-to the logit of every code c with value v_c.
+for every code c with value v_c (nefgpt.generate).
 
 The density is a mixture of Gaussians per class: `sample.prior_components` = 1 with `sample.prior_dims` = 0
-is one Ledoit-Wolf-shrunk Gaussian on all the layer's positions (the Gaussian baseline's fit); more components
+is one Ledoit-Wolf-shrunk Gaussian on all its positions (the Gaussian baseline's fit); more components
 live in the class's leading `prior_dims` principal directions (gaussian_fit.fit_mixture), and a class's
 digits come in a few distinct styles that one Gaussian blurs together.
 
@@ -65,7 +66,7 @@ def _cholesky(covs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky((covs + covs.transpose(-1, -2)) / 2 + 1e-10 * torch.eye(n, dtype=torch.float64))
 
 
-class FirstLayerPrior:
+class WeightPrior:
     """Class mixtures of Gaussians over the first `n` weight positions, evaluated one position at a time."""
 
     def __init__(self, mean: torch.Tensor, chol: torch.Tensor, values: torch.Tensor,
@@ -81,7 +82,7 @@ class FirstLayerPrior:
 
     @classmethod
     def fit(cls, weights: torch.Tensor, labels: torch.Tensor, num_classes: int, values: torch.Tensor,
-            components: int = 1, dims: int = 0) -> FirstLayerPrior:
+            components: int = 1, dims: int = 0) -> WeightPrior:
         """From rows of first-layer weights (N, n) and their labels; a class without rows gets the pooled fit.
 
         components 1, dims 0: one Ledoit-Wolf Gaussian per class; otherwise gaussian_fit.fit_mixture.
@@ -104,7 +105,7 @@ class FirstLayerPrior:
         return cls.from_low_rank(low_rank, values)
 
     @classmethod
-    def from_low_rank(cls, low_rank: dict[str, torch.Tensor], values: torch.Tensor) -> FirstLayerPrior:
+    def from_low_rank(cls, low_rank: dict[str, torch.Tensor], values: torch.Tensor) -> WeightPrior:
         """From fit_mixture's parameters, padded (pad_mixture) and stacked per class (C, ...)."""
         low_rank = {k: v.double() for k, v in low_rank.items()}
         moments = [mixture_moments({k: v[c] for k, v in low_rank.items()}) for c in range(len(low_rank["centre"]))]
@@ -138,58 +139,67 @@ class FirstLayerPrior:
         state.loglik += -0.5 * z ** 2 - s.log()
 
 
+def prior_size(tok: Tokenizer, positions: str) -> int:
+    """How many weight positions, from the first, a prior covers: the first layer (W1, b1) or all of them."""
+    return tok.spec.num_params if positions == "all" else tok.spec.layer_params[0]
+
+
 def save_prior(path: Path, codes: torch.Tensor, labels: torch.Tensor, tokenizer_id: str) -> None:
-    """What a run's prior is fitted from, for a model folder without training tokens: the first-layer codes
-    (N, n) of the training rows and their labels. About 1 MB for MNIST, where a fitted mixture of 16 components
-    in 128 dims would take 12 MB, and refitting takes about a second."""
+    """What a run's prior is fitted from, for a model folder without training tokens: the codes (N, P) of the
+    training rows and their labels. About 2.4 MB for MNIST, where a fitted mixture of 16 components in 128 dims
+    would take 12 MB for the first layer alone, and refitting takes a second or two."""
     small = torch.uint8 if codes.numel() == 0 or int(codes.max()) < 256 else torch.int16
     save_tensors(path, {"codes": codes.to(small), "labels": labels.long()}, {"tokenizer_id": tokenizer_id})
 
 
-def _load_prior(saved: Path, tok: Tokenizer, components: int, dims: int) -> FirstLayerPrior:
+def _load_prior(saved: Path, tok: Tokenizer, components: int, dims: int, n: int) -> WeightPrior:
     t, meta = load_tensors(saved)
     if meta.get("tokenizer_id") != tok.id:
         raise ArtifactError(f"{saved}: made for another tokenizer than the run's tokenizer.safetensors")
-    c, n = tok.vocab.num_classes, tok.spec.layer_params[0]
+    c = tok.vocab.num_classes
     if "codes" in t:
         codes, labels = t["codes"].long(), t.get("labels")
-        if codes.ndim != 2 or codes.shape[1] != n or labels is None or labels.shape != codes.shape[:1]:
-            raise ArtifactError(f"{saved}: needs codes (N, {n}) and labels (N,), got codes {tuple(codes.shape)}")
+        if codes.ndim != 2 or codes.shape[1] < n or labels is None or labels.shape != codes.shape[:1]:
+            raise ArtifactError(f"{saved}: needs codes (N, >= {n}) and labels (N,), got codes {tuple(codes.shape)}")
         if int(codes.min()) < 0 or int(codes.max()) >= tok.vocab.num_codes or int(labels.min()) < 0 \
                 or int(labels.max()) >= c:
             raise ArtifactError(f"{saved}: codes or labels out of range ({tok.vocab.num_codes} codes, {c} classes)")
-        return FirstLayerPrior.fit(tok.codebook[codes], labels, c, tok.codebook, components, dims)
-    # The first shipped priors: one fitted Gaussian per class (mean (C, n), Cholesky factor (C, n, n)).
+        return WeightPrior.fit(tok.codebook[codes[:, :n]], labels, c, tok.codebook, components, dims)
+    # The first shipped priors: one fitted Gaussian per class on the first layer (mean (C, n), chol (C, n, n)).
     mean, chol = t.get("mean"), t.get("chol")
     if mean is None or chol is None or mean.shape != (c, n) or chol.shape != (c, n, n):
         raise ArtifactError(f"{saved}: needs codes and labels, or mean ({c}, {n}) and chol ({c}, {n}, {n})")
     if (components, dims) != (1, 0):
         raise UsageError(f"{saved}: this model ships one fitted Gaussian per class; use sample.prior_components = 1, "
                          "sample.prior_dims = 0")
-    return FirstLayerPrior(mean, chol, t["values"] if "values" in t else tok.codebook)
+    return WeightPrior(mean, chol, t["values"] if "values" in t else tok.codebook)
 
 
-def prior_training_codes(run_dir: Path, tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first-layer codes (N, n) and labels (N,) of a run's training rows: what its prior is fitted on."""
+def prior_training_codes(run_dir: Path, tok: Tokenizer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of the first n positions (N, n) and the labels (N,) of a run's training rows: what its prior is
+    fitted on."""
     if tok.offsets != "none" or tok.order != "input_first":
-        raise UsageError(f"sample.prior_weight > 0: the prior is on the raw first-layer weights, but the run's tokens "
+        raise UsageError(f"sample.prior_weight > 0: the prior is on the raw weights, but the run's tokens "
                          f"are tokenize.offsets = {tok.offsets}, tokenize.order = {tok.order}; use prior_weight 0")
     if not (run_dir / TOKENS_FILE).exists():
         raise ArtifactError(f"{run_dir / TOKENS_FILE}: sample.prior_weight > 0 fits its prior on the run's training "
                             "tokens, and this run has none (a shipped pretrained model?); use prior_weight 0")
     tokens, labels = load_tokens(run_dir, tok.id)
     rows = training_rows(load_split(run_dir), load_metadata(run_dir / TOKENS_FILE))
-    return tokens[rows, :tok.spec.layer_params[0]], labels[rows]
+    return tokens[rows, :n], labels[rows]
 
 
-def run_prior(run_dir: Path, tok: Tokenizer, components: int = 1, dims: int = 0) -> FirstLayerPrior:
-    """The first-layer prior of a run, fitted on its training tokens (tokens.safetensors, split.json).
+def run_prior(run_dir: Path, tok: Tokenizer, components: int = 1, dims: int = 0,
+              positions: str = "first_layer") -> WeightPrior:
+    """The prior of a run over `positions` (first_layer or all), fitted on its training tokens
+    (tokens.safetensors, split.json).
 
-    A shipped pretrained model has no training tokens; `pretrained.export` saves the first-layer codes the
-    prior is fitted from instead (save_prior).
+    A shipped pretrained model has no training tokens; `pretrained.export` saves the codes the prior is fitted
+    from instead (save_prior).
     """
+    n = prior_size(tok, positions)
     saved = run_dir / PRIOR_FILE
     if saved.exists():
-        return _load_prior(saved, tok, components, dims)
-    codes, labels = prior_training_codes(run_dir, tok)
-    return FirstLayerPrior.fit(tok.codebook[codes], labels, tok.vocab.num_classes, tok.codebook, components, dims)
+        return _load_prior(saved, tok, components, dims, n)
+    codes, labels = prior_training_codes(run_dir, tok, n)
+    return WeightPrior.fit(tok.codebook[codes], labels, tok.vocab.num_classes, tok.codebook, components, dims)
