@@ -17,7 +17,7 @@ directions (`sample.prior_components`, `sample.prior_dims`).
 Every (guidance, T, lam[, a]) row of the grid is decoded for 50 fields per class and scored by the `evaluate` stage
 against the run's 500 held-out fields (as layer_oracle does), side by side, with the same seed.
 
-`--prior-on all` puts the Gaussian on every weight instead (one 561-dimensional Gaussian per class).
+`--prior-on all` puts the prior on every weight instead (`sample.prior_positions = all`).
 
     python benchmarks/first_layer_prior.py --run runs/demo [--grid "1,1,0 1,1,0.5 1,1,1,0.5 ..."] [--prior-on all]
         [--components 4 --dims 32] [--json out.json]
