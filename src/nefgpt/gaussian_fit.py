@@ -54,6 +54,13 @@ def fit_gaussian(x: torch.Tensor, covariance: str = "full", shrinkage: float = -
             "shrinkage": torch.tensor(a, dtype=torch.float64)}
 
 
+def jittered_cholesky(covs: torch.Tensor) -> torch.Tensor:
+    """Cholesky factors of covariances (..., p, p), symmetrized, with 1e-10 on the diagonal: the fits keep them
+    positive definite, and the jitter covers rounding at dead-unit positions (variance ~ 0)."""
+    eye = torch.eye(covs.shape[-1], dtype=covs.dtype)
+    return torch.linalg.cholesky((covs + covs.transpose(-1, -2)) / 2 + 1e-10 * eye)
+
+
 def _kmeans(z: torch.Tensor, k: int, generator: torch.Generator, iters: int = 20) -> torch.Tensor:
     """Cluster labels (n,) of rows z (n, d): k-means++ seeding, then Lloyd's iterations."""
     centres = z[torch.randint(len(z), (1,), generator=generator)]

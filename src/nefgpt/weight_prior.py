@@ -34,7 +34,7 @@ from .artifacts import load_metadata, load_tensors, save_tensors
 from .codebook import Tokenizer, load_tokens
 from .errors import ArtifactError, UsageError
 from .fields_io import training_rows
-from .gaussian_fit import fit_gaussian, fit_mixture, mixture_moments, pad_mixture
+from .gaussian_fit import fit_gaussian, fit_mixture, jittered_cholesky, mixture_moments, pad_mixture
 from .layout import PRIOR_FILE, TOKENS_FILE
 from .split import load_split
 
@@ -44,6 +44,8 @@ class PriorState:
     """What the prior knows of b fields being decoded: whitened values per component, and log-likelihoods."""
     z: torch.Tensor  # (b, K, n)
     loglik: torch.Tensor  # (b, K): log weight + log density of the decoded prefix under each component
+    # (i, means, stds) of the last conditional computed: log_density's, which observe then reuses at position i
+    last: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
 
 def code_log_widths(values: torch.Tensor) -> torch.Tensor:
@@ -58,12 +60,6 @@ def code_log_widths(values: torch.Tensor) -> torch.Tensor:
     gaps = values[1:] - values[:-1]
     widths = torch.cat([gaps[:1], gaps]) / 2 + torch.cat([gaps, gaps[-1:]]) / 2
     return widths.clamp_min(1e-30).log()
-
-
-def _cholesky(covs: torch.Tensor) -> torch.Tensor:
-    # Shrinkage keeps a covariance positive definite; the jitter covers rounding at dead-unit positions (std ~ 0).
-    n = covs.shape[-1]
-    return torch.linalg.cholesky((covs + covs.transpose(-1, -2)) / 2 + 1e-10 * torch.eye(n, dtype=torch.float64))
 
 
 class WeightPrior:
@@ -83,7 +79,8 @@ class WeightPrior:
     @classmethod
     def fit(cls, weights: torch.Tensor, labels: torch.Tensor, num_classes: int, values: torch.Tensor,
             components: int = 1, dims: int = 0) -> WeightPrior:
-        """From rows of first-layer weights (N, n) and their labels; a class without rows gets the pooled fit.
+        """From rows of weights (N, n), the prior's positions, and their labels; a class without rows gets the
+        pooled fit.
 
         components 1, dims 0: one Ledoit-Wolf Gaussian per class; otherwise gaussian_fit.fit_mixture.
         """
@@ -94,7 +91,7 @@ class WeightPrior:
                 g = fit_gaussian(rows if len(rows) else weights)
                 covs.append((g["std"][:, None] * (g["eigvecs"] * g["eigvals"]) @ g["eigvecs"].T * g["std"][None, :])[None])
                 means.append(g["mean"][None])
-            return cls(torch.stack(means), _cholesky(torch.stack(covs)), values)
+            return cls(torch.stack(means), jittered_cholesky(torch.stack(covs)), values)
         if dims < 1:
             raise UsageError(f"sample.prior_components = {components} needs sample.prior_dims >= 1, got {dims}")
         fits = []
@@ -109,7 +106,7 @@ class WeightPrior:
         """From fit_mixture's parameters, padded (pad_mixture) and stacked per class (C, ...)."""
         low_rank = {k: v.double() for k, v in low_rank.items()}
         moments = [mixture_moments({k: v[c] for k, v in low_rank.items()}) for c in range(len(low_rank["centre"]))]
-        return cls(torch.stack([m for m, _ in moments]), _cholesky(torch.stack([s for _, s in moments])), values,
+        return cls(torch.stack([m for m, _ in moments]), jittered_cholesky(torch.stack([s for _, s in moments])), values,
                    low_rank["log_weights"])
 
     def start(self, b: int, labels: torch.Tensor) -> PriorState:
@@ -118,9 +115,16 @@ class WeightPrior:
                           self.log_weights[labels].clone())
 
     def _conditional(self, labels: torch.Tensor, state: PriorState, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each component's mean and std (b, K) of weight i given the decoded values."""
+        """Each component's mean and std (b, K) of weight i given the decoded values.
+
+        The sampler asks for them twice per position (log_density, then observe), and each costs O(b K i), so
+        the last one is kept in the state; observe advances past it, which makes it stale.
+        """
+        if state.last is not None and state.last[0] == i:
+            return state.last[1], state.last[2]
         m = self.mean[labels, :, i] + (state.z[:, :, :i] * self.chol[:, :, i, :i][labels]).sum(2)
-        return m, self.chol[labels, :, i, i]
+        state.last = (i, m, self.chol[labels, :, i, i])
+        return state.last[1], state.last[2]
 
     def log_density(self, labels: torch.Tensor, state: PriorState, i: int) -> torch.Tensor:
         """log p(v_c | decoded values) of every code value, up to a constant per field: (b, V) float32."""
@@ -137,6 +141,7 @@ class WeightPrior:
         z = (self.values[codes][:, None] - m) / s
         state.z[:, :, i] = z
         state.loglik += -0.5 * z ** 2 - s.log()
+        state.last = None
 
 
 def prior_size(tok: Tokenizer, positions: str) -> int:

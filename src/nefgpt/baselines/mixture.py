@@ -13,19 +13,17 @@ Gaussian baseline's.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from ..config import RunConfig
 from ..errors import ArtifactError, UsageError
-from ..gaussian_fit import fit_mixture, mixture_moments, pad_mixture
+from ..gaussian_fit import fit_mixture, jittered_cholesky, mixture_moments, pad_mixture
 from ..layout import CKPT_FILE
 from .common import Fields, Fitted, load_fields, load_trained, sample_per_class, train_in_one_pass
 
 KIND = "mixture"
-_JITTER = 1e-10  # dead-unit positions have ~0 variance; this keeps the Cholesky factor finite
 _LOW_RANK = ("centre", "basis", "component_means", "component_covs", "residual_var", "log_weights")
 
 
@@ -33,8 +31,7 @@ def class_mixture(model: dict, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
     """Class k's component means (K, p), Cholesky factors (K, p, p) and log weights (K,), from the checkpoint's
     low-rank parameters (the full factors of 16 components x 561 weights would take 40 MB per class)."""
     means, covs = mixture_moments({key: model[key][k] for key in _LOW_RANK})
-    chols = torch.linalg.cholesky(covs + _JITTER * torch.eye(covs.shape[-1], dtype=covs.dtype))
-    return means, chols, model["log_weights"][k]
+    return means, jittered_cholesky(covs), model["log_weights"][k]
 
 
 def nll_per_weight(means: torch.Tensor, chols: torch.Tensor, log_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
