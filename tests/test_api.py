@@ -55,6 +55,24 @@ def test_same_seed_same_fields_other_seed_others(gen):
     assert not torch.equal(a.weights, c.weights)
 
 
+def test_the_prior_is_fitted_once_per_shape(monkeypatch):
+    from nefgpt import api
+    fitted = []
+
+    def counting(*args):
+        fitted.append(args[2:])
+        return run_prior(*args)
+
+    run_prior = api.run_prior
+    monkeypatch.setattr(api, "run_prior", counting)
+    g = nefgpt.load_pretrained("mnist")
+    first = g.sample(labels=[1], seed=0, prior_weight=1.0, prior_components=2, prior_dims=8)
+    again = g.sample(labels=[1], seed=0, prior_weight=1.0, prior_components=2, prior_dims=8)
+    g.sample(labels=[1], seed=0, prior_weight=1.0, prior_components=3, prior_dims=8)
+    assert torch.equal(first.tokens, again.tokens)
+    assert [shape[:2] for shape in fitted] == [(2, 8), (3, 8)]
+
+
 def test_api_matches_the_cli_sample_command(gen, tmp_path):
     out = tmp_path / "p"
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:

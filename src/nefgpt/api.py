@@ -38,7 +38,7 @@ from .sample import draw
 from .codebook import Tokenizer, Vocab, load_tokenizer
 from .tune import sampling_config
 from .validation import SAMPLING_KEYS
-from .weight_prior import run_prior
+from .weight_prior import WeightPrior, run_prior
 
 __all__ = ["Fields", "Generator", "load", "load_pretrained"]
 
@@ -87,6 +87,8 @@ class Generator:
         self.tokenizer = tokenizer
         self.config = config
         self._trained = trained  # the checkpoint's train config: guidance and conditioning are checked against it
+        # Fitting the prior over every weight takes seconds (EM per class), so each shape is fitted once.
+        self._priors: dict[tuple[int, int, str], WeightPrior] = {}
 
     @property
     def vocab(self) -> Vocab:
@@ -152,13 +154,17 @@ class Generator:
         else:
             cfg.n_per_class = 1  # one field per listed label: draw lays out n_per_class copies of each
             chosen = _labels(labels)
-        prior = (run_prior(self.run_dir, self.tokenizer, cfg.prior_components, cfg.prior_dims,
-                           cfg.prior_positions)
-                 if cfg.prior_weight > 0 else None)
+        prior = self._prior(cfg.prior_components, cfg.prior_dims, cfg.prior_positions) if cfg.prior_weight > 0 else None
         tokens, all_labels, _ = draw(self.model, self.vocab, self.spec.num_params, self._trained, cfg, chosen,
                                      str(self.run_dir / CKPT_FILE), progress, prior)
         return Fields(self.tokenizer.decode(tokens), all_labels, self.spec, tokens,
                       {k: getattr(cfg, k) for k in SAMPLING_KEYS})
+
+    def _prior(self, components: int, dims: int, positions: str) -> WeightPrior:
+        key = (components, dims, positions)
+        if key not in self._priors:
+            self._priors[key] = run_prior(self.run_dir, self.tokenizer, components, dims, positions)
+        return self._priors[key]
 
 
 def load(run_dir: str | PathLike, device: str | torch.device = "cpu") -> Generator:
