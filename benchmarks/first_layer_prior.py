@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from layer_oracle import score
 from nefgpt import field
@@ -64,6 +64,17 @@ def row_name(g: float, t: float, lam: float, a: float = 1.0) -> str:
     return f"guidance {g:g}, T {t:g}, prior weight {lam:g}" + ("" if a == 1 else f", GPT {a:g}")
 
 
+def _wrap(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, text: str, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split(" "):
+        wider = f"{lines[-1]} {word}".strip()
+        if lines[-1] and draw.textlength(wider, font=font) > width:
+            lines.append(word)
+        else:
+            lines[-1] = wider
+    return lines
+
+
 def save_side_by_side(path: Path, tok: Tokenizer, shown: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     tiles = []
     for name, (tokens, labels) in shown.items():
@@ -71,13 +82,21 @@ def save_side_by_side(path: Path, tok: Tokenizer, shown: dict[str, tuple[torch.T
         save_sample_grid(tmp, field.render(tok.spec, tok.decode(tokens[::5]), 28), labels[::5], per_row=10)
         tiles.append((name, Image.open(tmp).convert("RGB")))
         tmp.unlink()
+    # A title wider than its tile wraps onto more lines instead of running under the next tile's.
+    try:
+        font = ImageFont.load_default(size=14)  # the size-less default squeezes its spaces to a pixel or two
+    except TypeError:  # Pillow < 10.1 has only the bitmap default
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    titles = [_wrap(draw, font, name, im.width - 8) for name, im in tiles]
+    top = 8 + 17 * max(len(t) for t in titles)
     w = sum(im.width for _, im in tiles) + 20 * (len(tiles) - 1)
-    h = max(im.height for _, im in tiles) + 24
+    h = max(im.height for _, im in tiles) + top
     canvas = Image.new("RGB", (w, h), "white")
     x = 0
-    for name, im in tiles:
-        ImageDraw.Draw(canvas).text((x + 4, 4), name, fill="black")
-        canvas.paste(im, (x, 24))
+    for lines, (_, im) in zip(titles, tiles):
+        ImageDraw.Draw(canvas).text((x + 4, 4), "\n".join(lines), fill="black", font=font)
+        canvas.paste(im, (x, top))
         x += im.width + 20
     canvas.save(path)
 
