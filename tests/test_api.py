@@ -25,7 +25,8 @@ def test_load_pretrained_offline(gen):
     assert gen.num_classes == 10
     # The tuned setting of the shipped model's tune.json is the default.
     assert set(gen.setting) == {"temperature", "top_k", "top_p", "min_p", "guidance", "oversample", "prior_weight",
-                                "prior_components", "prior_dims", "prior_gpt_weight", "prior_positions"}
+                                "prior_components", "prior_dims", "prior_gpt_weight", "prior_positions",
+                                "prior_component_draw"}
     assert gen.setting == load_best_setting(gen.run_dir)
 
 

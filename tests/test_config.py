@@ -148,6 +148,8 @@ def test_bad_overrides_raise_usage_error(item, word):
     ("tune.prior_components=[0]", "tune.prior_components"),
     ("sample.prior_positions=second", "sample.prior_positions"),
     ("tune.prior_positions=['every']", "tune.prior_positions"),
+    ("sample.prior_component_draw=last", "sample.prior_component_draw"),
+    ("tune.prior_component_draws=['any']", "tune.prior_component_draws"),
     ("baseline.components=0", "baseline.components"),
     ("baseline.dims=0", "baseline.dims"),
     ("train.max_iters=-1", "train.max_iters"),

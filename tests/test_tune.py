@@ -41,7 +41,7 @@ def test_candidate_settings_cover_the_grid_in_order_without_duplicates():
     settings = candidate_settings(cfg, num_codes=245)
     assert len(settings) == 8
     off = {"min_p": 0.0, "guidance": 1.0, "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
-           "prior_positions": "first_layer"}
+           "prior_positions": "first_layer", "prior_component_draw": "posterior"}
     assert settings[0] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0, **off}
     assert settings[1] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9, **off}
     assert settings[-1] == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, **off}
@@ -181,12 +181,12 @@ def test_load_best_setting_reads_types_and_names_a_bad_file(tmp_path):
     # A tune.json written before guidance, min-p and oversampling were tuned means plain conditional sampling.
     assert load_best_setting(tmp_path) == {"temperature": 1.0, "top_k": 3, "top_p": 0.9, "min_p": 0.0, "guidance": 1.0,
                                            "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
-           "prior_positions": "first_layer"}
+           "prior_positions": "first_layer", "prior_component_draw": "posterior"}
     save_json(tmp_path / TUNE_FILE, {"best": {"temperature": 0.7, "top_k": 0, "top_p": 1, "min_p": 0.1,
                                               "guidance": 2, "oversample": 3}})
     assert load_best_setting(tmp_path) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "guidance": 2.0,
                                            "oversample": 3.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
-           "prior_positions": "first_layer"}
+           "prior_positions": "first_layer", "prior_component_draw": "posterior"}
     save_json(tmp_path / TUNE_FILE, {"settings": []})
     with pytest.raises(ArtifactError, match="tune.json"):
         load_best_setting(tmp_path)
@@ -319,7 +319,7 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
     assert rc == 0, err
     tuned = {"temperature": 0.6, "top_k": 1, "top_p": 0.8, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0,
              "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
-           "prior_positions": "first_layer"}
+           "prior_positions": "first_layer", "prior_component_draw": "posterior"}
     assert load_best_setting(run_copy) == tuned
     rc, err = call("sample", "--out", run_copy, "--quiet")
     assert rc == 0 and "[sample] running" in err, err
@@ -345,7 +345,7 @@ def test_sample_uses_the_tuned_setting_until_told_otherwise(run_copy):
     # (config.json's own values: the fallback, with the values given by hand above)
     assert sampling_used(run_copy) == {"temperature": 0.9, "top_k": 4, "top_p": 1.0, "min_p": 0.1, "guidance": 1.0,
                                        "oversample": 1.0, "prior_weight": 0.0, "prior_components": 1, "prior_dims": 0, "prior_gpt_weight": 1.0,
-           "prior_positions": "first_layer", "use_tuned": False}
+           "prior_positions": "first_layer", "prior_component_draw": "posterior", "use_tuned": False}
 
 
 def test_evaluate_writes_its_figures(run_copy):
@@ -459,7 +459,7 @@ def test_the_first_layer_prior_is_tuned_and_sampled(run_copy):
     rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets(
         "tune.prior_weights=[0, 0.5]", "tune.prior_components=[1, 2]", "tune.prior_dims=[3]",
         "tune.prior_gpt_weights=[0.5]", 'tune.prior_positions=["first_layer"]', "tune.temperatures=[1.0]",
-        "tune.top_ks=[0]"))
+        "tune.top_ks=[0]", 'tune.prior_component_draws=["posterior"]'))
     assert rc == 0, err
     rows = json.loads((run_copy / TUNE_FILE).read_text())["settings"]
     shapes = [(r["prior_weight"], r["prior_components"], r["prior_dims"], r["prior_gpt_weight"]) for r in rows]

@@ -257,3 +257,34 @@ def test_a_prior_on_every_position_steers_the_whole_sequence(model):
         want = prior.log_density(torch.tensor(labels), state, i).argmax(1)
         assert torch.equal(out[:, i], want)
         prior.observe(torch.tensor(labels), state, i, out[:, i])
+
+
+def test_a_component_drawn_first_holds_the_field_whatever_is_decoded():
+    # sample.prior_component_draw = first: each field draws one component by its weight, then decodes in it alone,
+    # so every position's density is that component's own Gaussian conditional.
+    g = torch.Generator().manual_seed(4)
+    weights = torch.cat([torch.randn(30, N_PRIOR, generator=g) * 0.2 - 0.5, torch.randn(30, N_PRIOR, generator=g) * 0.2 + 0.5])
+    prior = WeightPrior.fit(weights, torch.zeros(60, dtype=torch.long), 1, VALUES, components=2, dims=3)
+    labels = torch.zeros(400, dtype=torch.long)
+    state = prior.start(400, labels, torch.Generator().manual_seed(0))
+    chosen = state.loglik.argmax(1)
+    assert (state.loglik.gather(1, chosen[:, None]) == 0).all() and (state.loglik < -1e29).sum() == 400
+    share = torch.softmax(prior.log_weights[0], 0)[1].item()
+    assert abs(chosen.float().mean().item() - share) < 0.1  # drawn by the components' weights
+    codes = torch.randint(0, VOCAB.num_codes, (400, N_PRIOR), generator=g)
+    for i in range(N_PRIOR):
+        got = prior.log_density(labels, state, i)
+        m, s = prior._conditional(labels, state, i)
+        own_m, own_s = m.gather(1, chosen[:, None]), s.gather(1, chosen[:, None])
+        want = -0.5 * ((prior.values - own_m) / own_s) ** 2 - own_s.log() + prior.log_widths
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        prior.observe(labels, state, i, codes[:, i])
+    assert (state.loglik.argmax(1) == chosen).all()
+
+
+def test_the_component_draw_is_a_sampling_option_of_generate(model):
+    prior = WeightPrior.fit(torch.randn(60, N_PRIOR, generator=torch.Generator().manual_seed(5)),
+                            torch.arange(60) % 3, 3, VALUES, components=3, dims=3)
+    first = draw(model, [0, 1, 2] * 4, prior, 1.0, prior_component_draw="first")
+    assert torch.equal(first, draw(model, [0, 1, 2] * 4, prior, 1.0, prior_component_draw="first"))
+    assert not torch.equal(first, draw(model, [0, 1, 2] * 4, prior, 1.0))

@@ -109,7 +109,7 @@ class Generator:
     @property
     def setting(self) -> dict:
         """The sampling setting `sample` uses by default: {temperature, top_k, top_p, min_p, guidance, oversample,
-        prior_weight, prior_components, prior_dims, prior_gpt_weight, prior_positions}."""
+        prior_weight, prior_components, prior_dims, prior_gpt_weight, prior_positions, prior_component_draw}."""
         return {k: getattr(self.config.sample, k) for k in SAMPLING_KEYS}
 
     def __repr__(self) -> str:
@@ -121,7 +121,7 @@ class Generator:
                min_p: float | None = None, guidance: float | None = None, oversample: float | None = None,
                prior_weight: float | None = None, prior_components: int | None = None, prior_dims: int | None = None,
                prior_gpt_weight: float | None = None, prior_positions: str | None = None,
-               batch_size: int | None = None,
+               prior_component_draw: str | None = None, batch_size: int | None = None,
                progress: bool = False) -> Fields:
         """Generate fields, one per entry of `labels`, in that order.
 
@@ -130,7 +130,7 @@ class Generator:
         seed: seeds the sampling generator; None is the run's sample.seed. The same seed, labels and
             setting give the same fields every time.
         temperature, top_k, top_p, min_p, guidance, oversample, prior_weight, prior_components, prior_dims,
-            prior_gpt_weight, prior_positions: replace that value of `self.setting` only, as ``nefgpt sample --temperature
+            prior_gpt_weight, prior_positions, prior_component_draw: replace that value of `self.setting` only, as ``nefgpt sample --temperature
             ...`` does (top_k 0, top_p 1, min_p 0, oversample 1 and prior_weight 0 are off; a prior weight needs
             the run's training tokens, or a shipped model's fitted prior of that shape).
         batch_size: fields generated together; None is the run's sample.batch_size, which is what makes the
@@ -140,7 +140,7 @@ class Generator:
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p, "guidance": guidance,
                  "oversample": oversample, "prior_weight": prior_weight, "prior_components": prior_components,
                  "prior_dims": prior_dims, "prior_gpt_weight": prior_gpt_weight,
-                 "prior_positions": prior_positions, "seed": seed,
+                 "prior_positions": prior_positions, "prior_component_draw": prior_component_draw, "seed": seed,
                  "batch_size": batch_size}
         for key, value in given.items():
             if value is not None:

@@ -161,6 +161,10 @@ class SampleConfig:
     prior_gpt_weight: float = 1.0
     # The positions the prior covers: first_layer (W1 and b1) or all (every weight, one density per class).
     prior_positions: str = "first_layer"
+    # How a field's mixture component is chosen: posterior (the components' weights follow the values decoded so
+    # far, so the GPT's pull moves fields between components) or first (each field draws its component by its
+    # weight before decoding, and the GPT shapes it within that component, which keeps every style in play).
+    prior_component_draw: str = "posterior"
     batch_size: int = 250
     seed: int = 0
 
@@ -182,6 +186,7 @@ class TuneConfig:
     prior_dims: list[int] = field(default_factory=lambda: [0])  # sample.prior_dims values
     prior_gpt_weights: list[float] = field(default_factory=lambda: [1.0])  # sample.prior_gpt_weight
     prior_positions: list[str] = field(default_factory=lambda: ["first_layer"])  # sample.prior_positions
+    prior_component_draws: list[str] = field(default_factory=lambda: ["posterior"])  # sample.prior_component_draw
     search: str = "grid"  # grid | random
     budget: int = 0  # at most this many settings (random search draws them); 0 = the whole grid
     # Wall-clock budget of the stage in minutes (0 = none): settings are tried in order and no new one starts

@@ -91,11 +91,12 @@ def _annotated_map(ax, values: np.ndarray, text: list[list[str]], cmap: str, vmi
 # The sampling dimensions of tune.json rows, with their defaults for files written before they were tuned.
 _TUNE_DIMS = {"top_k": 0, "temperature": 1.0, "guidance": 1.0, "min_p": 0.0, "top_p": 1.0, "oversample": 1.0,
               "prior_weight": 0.0, "prior_gpt_weight": 1.0, "prior_components": 1, "prior_dims": 0,
-              "prior_positions": "first_layer"}
+              "prior_positions": "first_layer", "prior_component_draw": "posterior"}
 _TUNE_LABELS = {"top_k": "top-k", "temperature": "temperature", "guidance": "guidance", "min_p": "min-p",
                 "top_p": "top-p", "oversample": "oversample", "prior_weight": "prior weight",
                 "prior_gpt_weight": "GPT weight under the prior", "prior_components": "prior components",
-                "prior_dims": "prior dims", "prior_positions": "prior positions"}
+                "prior_dims": "prior dims", "prior_positions": "prior positions",
+                "prior_component_draw": "prior component"}
 
 
 def _tune_axes(rows: list[dict]) -> tuple[str, str]:

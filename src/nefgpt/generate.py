@@ -88,7 +88,8 @@ def check_guidance(value: float, trained: dict, where: str, key: str = "guidance
 def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
              top_p: float, generator: torch.Generator, use_cache: bool = True, guidance: float = 1.0,
              min_p: float = 0.0, prefix: torch.Tensor | None = None, prior: WeightPrior | None = None,
-             prior_weight: float = 0.0, prior_gpt_weight: float = 1.0) -> torch.Tensor:
+             prior_weight: float = 0.0, prior_gpt_weight: float = 1.0,
+             prior_component_draw: str = "posterior") -> torch.Tensor:
     """Code tokens (B, num_weights) for class labels (B,); label -1 is the null class (unconditional).
 
     With guidance g != 1 the B conditional and B null-class sequences run as one batch of 2B (one cache) and
@@ -100,18 +101,20 @@ def generate(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, t
 
     With ``prior_weight`` > 0, the logits at the prior's positions become ``prior_gpt_weight`` times the
     (guided) logits plus ``prior_weight`` times the class prior's log-probability of each code value
-    (nefgpt.weight_prior), before the temperature.
+    (nefgpt.weight_prior), before the temperature. ``prior_component_draw = "first"`` draws each field's mixture
+    component (from `generator`) before decoding and keeps the field in it.
     """
     return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, use_cache, guidance,
                    min_p, score=False, prefix=prefix, prior=prior, prior_weight=prior_weight,
-                   prior_gpt_weight=prior_gpt_weight)[0]
+                   prior_gpt_weight=prior_gpt_weight, prior_component_draw=prior_component_draw)[0]
 
 
 @torch.no_grad()
 def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float,
                     top_k: int, top_p: float, generator: torch.Generator, guidance: float = 1.0,
                     min_p: float = 0.0, prior: WeightPrior | None = None,
-                    prior_weight: float = 0.0, prior_gpt_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    prior_weight: float = 0.0, prior_gpt_weight: float = 1.0,
+                    prior_component_draw: str = "posterior") -> tuple[torch.Tensor, torch.Tensor]:
     """generate's tokens, and each sequence's class score ``log p(w | c) - log p(w | null)`` (B,).
 
     The score is the model's own implicit classifier: with the null class as the class marginal it is
@@ -120,13 +123,15 @@ def generate_scored(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights:
     the null-class half this needs is the one guidance already runs (at guidance 1 it is run for the score).
     """
     return _decode(model, labels, vocab, num_weights, temperature, top_k, top_p, generator, True, guidance, min_p,
-                   score=True, prior=prior, prior_weight=prior_weight, prior_gpt_weight=prior_gpt_weight)
+                   score=True, prior=prior, prior_weight=prior_weight, prior_gpt_weight=prior_gpt_weight,
+                   prior_component_draw=prior_component_draw)
 
 
 def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, temperature: float, top_k: int,
             top_p: float, generator: torch.Generator, use_cache: bool, guidance: float, min_p: float,
             score: bool, prefix: torch.Tensor | None = None, prior: WeightPrior | None = None,
-            prior_weight: float = 0.0, prior_gpt_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+            prior_weight: float = 0.0, prior_gpt_weight: float = 1.0,
+            prior_component_draw: str = "posterior") -> tuple[torch.Tensor, torch.Tensor | None]:
     device = next(model.parameters()).device
     b = labels.shape[0]
     use_prior = prior_weight > 0
@@ -165,7 +170,7 @@ def _decode(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int, te
     raw = model(seq, cache, 0)[:, -1]
     if use_prior:
         prior_labels = labels.long().cpu()
-        state = prior.start(b, prior_labels)
+        state = prior.start(b, prior_labels, generator if prior_component_draw == "first" else None)
         for j in range(min(given, prior.n)):
             prior.observe(prior_labels, state, j, out[:b, j].cpu())
     for i in range(given, num_weights):
@@ -222,7 +227,8 @@ def draw_tokens(model: GPT, labels: torch.Tensor, vocab: Vocab, num_weights: int
                 generator)
         kw = {"guidance": setting["guidance"], "min_p": setting["min_p"], "prior": prior,
               "prior_weight": setting.get("prior_weight", 0.0),
-              "prior_gpt_weight": setting.get("prior_gpt_weight", 1.0)}
+              "prior_gpt_weight": setting.get("prior_gpt_weight", 1.0),
+              "prior_component_draw": setting.get("prior_component_draw", "posterior")}
         if over == 1:
             tokens.append(generate(*args, **kw).cpu())
         else:

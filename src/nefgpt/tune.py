@@ -67,7 +67,8 @@ def load_best_setting(run_dir: Path) -> dict:
                 "oversample": float(best.get("oversample", 1.0)), "prior_weight": float(best.get("prior_weight", 0.0)),
                 "prior_components": int(best.get("prior_components", 1)), "prior_dims": int(best.get("prior_dims", 0)),
                 "prior_gpt_weight": float(best.get("prior_gpt_weight", 1.0)),
-                "prior_positions": str(best.get("prior_positions", "first_layer"))}
+                "prior_positions": str(best.get("prior_positions", "first_layer")),
+                "prior_component_draw": str(best.get("prior_component_draw", "posterior"))}
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"{path}: no valid 'best' sampling setting; rerun `nefgpt tune --force`") from None
 
@@ -91,16 +92,17 @@ def candidate_settings(cfg: TuneConfig, num_codes: int) -> list[dict]:
     """The settings to try, in the order they are tried; all are checked (check_tune) before any sampling starts."""
     check_tune(cfg, num_codes)
     grid = []
-    shapes = list(itertools.product(cfg.prior_positions, cfg.prior_components, cfg.prior_dims, cfg.prior_gpt_weights))
-    for g, w, (pp, pc, pd, a), t, k, p, m, r in itertools.product(cfg.guidances, cfg.prior_weights, shapes,
+    shapes = list(itertools.product(cfg.prior_positions, cfg.prior_components, cfg.prior_dims, cfg.prior_gpt_weights,
+                                    cfg.prior_component_draws))
+    for g, w, (pp, pc, pd, a, cd), t, k, p, m, r in itertools.product(cfg.guidances, cfg.prior_weights, shapes,
                                                                cfg.temperatures, cfg.top_ks, cfg.top_ps, cfg.min_ps,
                                                                cfg.oversamples):
         if w == 0:  # the prior is off, so its shape is moot: one setting, recorded with the defaults
-            pp, pc, pd, a = "first_layer", 1, 0, 1.0
+            pp, pc, pd, a, cd = "first_layer", 1, 0, 1.0, "posterior"
         setting = {"temperature": float(t), "top_k": int(k), "top_p": float(p), "min_p": float(m),
                    "guidance": float(g), "oversample": float(r), "prior_weight": float(w),
                    "prior_components": int(pc), "prior_dims": int(pd), "prior_gpt_weight": float(a),
-                   "prior_positions": str(pp)}
+                   "prior_positions": str(pp), "prior_component_draw": str(cd)}
         if setting not in grid:
             grid.append(setting)
     if cfg.search == "random":
@@ -151,7 +153,8 @@ def format_table(rows: list[dict], best: int, objective: str) -> str:
             return "–"
         pc, pd, a = r.get("prior_components", 1), r.get("prior_dims", 0), r.get("prior_gpt_weight", 1.0)
         shape = ("" if (pc, pd) == (1, 0) else f" {pc}×{pd}") + ("" if a == 1 else f" GPT {a:g}") + (
-            " all" if r.get("prior_positions", "first_layer") == "all" else "")
+            " all" if r.get("prior_positions", "first_layer") == "all" else "") + (
+            " drawn first" if r.get("prior_component_draw", "posterior") == "first" else "")
         return f"{w:g}" + (f" ({shape.strip()})" if shape else "")
 
     def fmt(value: float | None, spec: str) -> str:

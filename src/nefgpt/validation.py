@@ -52,7 +52,8 @@ MAX_OVERSAMPLE = 100  # candidates per field kept: beyond this the sampling time
 def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
                    min_p: float = 0.0, prefix: str = "", num_codes_name: str = "", oversample: float = 1.0,
                    prior_weight: float = 0.0, prior_components: int = 1, prior_dims: int = 0,
-                   prior_gpt_weight: float = 1.0, prior_positions: str = "first_layer") -> None:
+                   prior_gpt_weight: float = 1.0, prior_positions: str = "first_layer",
+                   prior_component_draw: str = "posterior") -> None:
     """The one check of the sampling values (config validation, `sample`, `tune` and the API all call it).
 
     ``prefix`` names their section in the messages ("sample."); ``num_codes_name`` names top-k's bound.
@@ -81,14 +82,18 @@ def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int,
                          "lives in the leading principal directions (prior_dims 0 is the one full Gaussian)")
     if prior_positions not in PRIOR_POSITIONS:
         raise UsageError(f"{prefix}prior_positions must be one of {', '.join(PRIOR_POSITIONS)}, got {prior_positions!r}")
+    if prior_component_draw not in PRIOR_COMPONENT_DRAWS:
+        raise UsageError(f"{prefix}prior_component_draw must be one of {', '.join(PRIOR_COMPONENT_DRAWS)}, "
+                         f"got {prior_component_draw!r}")
     if not (isinstance(prior_gpt_weight, (int, float)) and 0 <= prior_gpt_weight <= 1):
         raise UsageError(f"{prefix}prior_gpt_weight must be in [0, 1] (1 is the plain product), "
                          f"got {prior_gpt_weight}")
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "guidance", "oversample", "prior_weight",
-                 "prior_components", "prior_dims", "prior_gpt_weight", "prior_positions")
+                 "prior_components", "prior_dims", "prior_gpt_weight", "prior_positions", "prior_component_draw")
 PRIOR_POSITIONS = ("first_layer", "all")
+PRIOR_COMPONENT_DRAWS = ("posterior", "first")
 
 
 def check_choice(dotted: str, value: Any, choices: Any) -> None:
@@ -127,14 +132,15 @@ def check_vocab_size(num_codes: int, num_classes: int) -> None:
 _TUNE_LISTS = {"temperatures": "temperature", "top_ks": "top_k", "top_ps": "top_p", "min_ps": "min_p",
                "guidances": "guidance", "oversamples": "oversample", "prior_weights": "prior_weight",
                "prior_components": "prior_components", "prior_dims": "prior_dims",
-               "prior_gpt_weights": "prior_gpt_weight", "prior_positions": "prior_positions"}
+               "prior_gpt_weights": "prior_gpt_weight", "prior_positions": "prior_positions",
+               "prior_component_draws": "prior_component_draw"}
 
 
 def check_tune(cfg: TuneConfig, num_codes: int) -> None:
     """The one check of the [tune] settings: config validation and candidate_settings both call it."""
     neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "guidance": 1.0, "oversample": 1.0,
                "prior_weight": 0.0, "prior_components": 1, "prior_dims": 1, "prior_gpt_weight": 1.0,
-               "prior_positions": "first_layer"}
+               "prior_positions": "first_layer", "prior_component_draw": "posterior"}
     for name, key in _TUNE_LISTS.items():
         if not getattr(cfg, name):
             raise UsageError(f"tune.{name} must list at least one value")
@@ -197,7 +203,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_sampling(s.temperature, s.top_k, s.top_p, cfg.tokenize.num_codes, s.guidance, s.min_p,
                    prefix="sample.", num_codes_name="tokenize.num_codes", oversample=s.oversample,
                    prior_weight=s.prior_weight, prior_components=s.prior_components, prior_dims=s.prior_dims,
-                   prior_gpt_weight=s.prior_gpt_weight, prior_positions=s.prior_positions)
+                   prior_gpt_weight=s.prior_gpt_weight, prior_positions=s.prior_positions,
+                   prior_component_draw=s.prior_component_draw)
     unknown = [k for k in s.explicit if k not in SAMPLING_KEYS]
     if unknown:
         raise UsageError(f"sample.explicit lists {', '.join(unknown)}: not a sampling key ({', '.join(SAMPLING_KEYS)})")

@@ -34,7 +34,7 @@ from .artifacts import load_metadata, load_tensors, save_tensors
 from .codebook import Tokenizer, load_tokens
 from .errors import ArtifactError, UsageError
 from .fields_io import training_rows
-from .gaussian_fit import fit_gaussian, fit_mixture, jittered_cholesky, mixture_moments, pad_mixture
+from .gaussian_fit import ABSENT, fit_gaussian, fit_mixture, jittered_cholesky, mixture_moments, pad_mixture
 from .layout import PRIOR_FILE, TOKENS_FILE
 from .split import load_split
 
@@ -109,10 +109,17 @@ class WeightPrior:
         return cls(torch.stack([m for m, _ in moments]), jittered_cholesky(torch.stack([s for _, s in moments])), values,
                    low_rank["log_weights"])
 
-    def start(self, b: int, labels: torch.Tensor) -> PriorState:
-        """The state of b fields of classes `labels` (b,), none of their values decoded yet."""
-        return PriorState(torch.zeros(b, self.mean.shape[1], self.n, dtype=torch.float64),
-                          self.log_weights[labels].clone())
+    def start(self, b: int, labels: torch.Tensor, draw: torch.Generator | None = None) -> PriorState:
+        """The state of b fields of classes `labels` (b,), none of their values decoded yet.
+
+        With a generator `draw` (sample.prior_component_draw = first) each field draws one component by its weight
+        now and stays in it: the others start at weight ABSENT, so the decoded values can't move the field away.
+        """
+        loglik = self.log_weights[labels].clone()
+        if draw is not None:
+            chosen = torch.multinomial(torch.softmax(loglik, 1).float(), 1, generator=draw)
+            loglik = torch.full_like(loglik, ABSENT).scatter_(1, chosen, 0.0)
+        return PriorState(torch.zeros(b, self.mean.shape[1], self.n, dtype=torch.float64), loglik)
 
     def _conditional(self, labels: torch.Tensor, state: PriorState, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each component's mean and std (b, K) of weight i given the decoded values.
