@@ -161,9 +161,8 @@ class SampleConfig:
     prior_gpt_weight: float = 1.0
     # The positions the prior covers: first_layer (W1 and b1) or all (every weight, one density per class).
     prior_positions: str = "first_layer"
-    # How a field's mixture component is chosen: posterior (the components' weights follow the values decoded so
-    # far, so the GPT's pull moves fields between components) or first (each field draws its component by its
-    # weight before decoding, and the GPT shapes it within that component, which keeps every style in play).
+    # posterior: the components' weights follow the decoded values (the GPT's pull moves fields between them);
+    # first: each field draws its component by its weight before decoding and stays in it (every style stays).
     prior_component_draw: str = "posterior"
     batch_size: int = 250
     seed: int = 0

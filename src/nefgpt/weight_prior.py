@@ -17,7 +17,8 @@ digits come in a few distinct styles that one Gaussian blurs together.
 Each component k is x = m_k + L_k z with its covariance's Cholesky factor L_k and standard normal z, so its
 conditional at position i is m_ki + L_k[i, :i] z[:i] with std L_k[i, i], and each decoded value adds one z by
 forward substitution: O(i) per step, field and component. The components' weights given the decoded prefix
-follow from each component's running log-likelihood of it.
+follow from each component's running log-likelihood of it, or, with `sample.prior_component_draw = first`, each
+field draws one component before decoding and keeps it: then the GPT's pull can't move fields between styles.
 
 The prior is fitted on the run's dequantized training tokens (with fit's shifted copies, when there are any)
 when `sample` or `tune` needs it.
