@@ -17,7 +17,8 @@ directions (`sample.prior_components`, `sample.prior_dims`).
 Every (guidance, T, lam[, a]) row of the grid is decoded for 50 fields per class and scored by the `evaluate` stage
 against the run's 500 held-out fields (as layer_oracle does), side by side, with the same seed.
 
-`--prior-on all` puts the prior on every weight instead (`sample.prior_positions = all`).
+`--prior-on all` puts the prior on every weight instead (`sample.prior_positions = all`). `--component-draw first`
+draws each field's mixture component before decoding and keeps it (`sample.prior_component_draw = first`).
 
     python benchmarks/first_layer_prior.py --run runs/demo [--grid "1,1,0 1,1,0.5 1,1,1,0.5 ..."] [--prior-on all]
         [--components 4 --dims 32] [--json out.json]
@@ -48,10 +49,11 @@ DEFAULT_GRID = "1,1,0 1,1,0.5 1,1,1 1,1.1,0.3 1,1.2,0.5 1,1.3,1 2,0.8,0 2,0.8,0.
 
 
 def decode(model, tok: Tokenizer, prior: WeightPrior, c: int, n: int, guidance: float, temperature: float,
-           lam: float, gpt_weight: float, gen: torch.Generator) -> torch.Tensor:
+           lam: float, gpt_weight: float, gen: torch.Generator, component_draw: str = "posterior") -> torch.Tensor:
     """n code sequences of class c, through the package's sampler (nefgpt.generate with sample.prior_weight)."""
     return generate(model, torch.full((n,), c), tok.vocab, tok.spec.num_params, temperature, 0, 1.0, gen,
-                    guidance=guidance, prior=prior, prior_weight=lam, prior_gpt_weight=gpt_weight)
+                    guidance=guidance, prior=prior, prior_weight=lam, prior_gpt_weight=gpt_weight,
+                    prior_component_draw=component_draw)
 
 
 def parse_grid(text: str) -> list[tuple[float, float, float, float]]:
@@ -110,6 +112,8 @@ def main() -> None:
     ap.add_argument("--components", type=int, default=1, help="Gaussians per class (sample.prior_components)")
     ap.add_argument("--dims", type=int, default=0,
                     help="principal directions the mixture lives in; 0 = all positions (sample.prior_dims)")
+    ap.add_argument("--component-draw", choices=("posterior", "first"), default="posterior",
+                    help="how a field's mixture component is chosen (sample.prior_component_draw)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path, help="sample grids (5 per class) of the --show rows, side by side")
@@ -135,7 +139,7 @@ def main() -> None:
     for g, t, lam, a in parse_grid(args.grid):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(args.seed)
-        out = torch.cat([decode(model, tok, prior, c, PER_CLASS, g, t, lam, a, gen) for c in classes])
+        out = torch.cat([decode(model, tok, prior, c, PER_CLASS, g, t, lam, a, gen, args.component_draw) for c in classes])
         lab = torch.tensor(classes).repeat_interleave(PER_CLASS)
         r = {"guidance": g, "temperature": t, "prior_weight": lam, "prior_gpt_weight": a, **score(args.run, tok, out, lab),
              "seconds": time.perf_counter() - t0}
@@ -148,6 +152,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"run": str(args.run), "seed": args.seed, "per_class": PER_CLASS,
                                          "prior_on": args.prior_on, "prior_positions": first,
                                          "components": args.components, "dims": args.dims,
+                                         "component_draw": args.component_draw,
                                          "rows": results}, indent=2) + "\n")
         print(f"json: {args.json}")
     if args.png and shown:
