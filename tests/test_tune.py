@@ -474,3 +474,22 @@ def test_the_first_layer_prior_is_tuned_and_sampled(run_copy):
     assert sampling_used(run_copy)["prior_positions"] == "all"
     rc, err = call("sample", "--out", run_copy, "--quiet", "--prior-weight", "-1")
     assert rc == 2 and "prior_weight must be a finite number >= 0" in err
+
+
+def test_more_samples_per_class_choose_and_the_set_measures_keep_equal_sizes(run_copy, tuned):
+    rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets("tune.samples_per_class=1"))
+    assert rc == 0, err  # at or below the tuning fields' count (2 per class): nothing changes
+    scores = ("mmd", "cov", "1nna", "accuracy", "diversity_ratio")
+    again = json.loads((run_copy / TUNE_FILE).read_text())["settings"]
+    first = json.loads((tuned / TUNE_FILE).read_text())["settings"]
+    assert [[r[k] for k in scores] for r in again] == [[r[k] for k in scores] for r in first]
+
+    rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets("tune.samples_per_class=3"))
+    assert rc == 0, err
+    result = json.loads((run_copy / TUNE_FILE).read_text())
+    assert result["n_generated"] == 30 and result["n_set_metrics"] == result["n_reference"] == 20
+    for r in result["settings"]:  # accuracy over 3 fields of each class
+        assert all(v * 3 == pytest.approx(round(v * 3)) for v in r["per_class_accuracy"].values())
+
+    rc, err = call("tune", "--out", run_copy, "--quiet", "--force", *sets("tune.samples_per_class=-1"))
+    assert rc == 2 and "tune.samples_per_class" in err

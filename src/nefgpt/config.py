@@ -200,6 +200,10 @@ class TuneConfig:
     # the best accuracy. 0 (the default, as older runs chose) takes the most accurate setting.
     fallback_margin: float = 0.0
     n_per_class: int = 30
+    # Fields drawn per class for each setting when above n_per_class: accuracy and diversity, which choose, read
+    # all of them (a winner among noisy estimates reads high on fresh samples); MMD, COV and 1-NNA the first
+    # n_per_class, as many as the tuning fields. 0 = n_per_class.
+    samples_per_class: int = 0
     seed: int = 0
 
 

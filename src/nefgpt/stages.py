@@ -111,7 +111,8 @@ ADDED_LATER = {("fit", "init_l2"): 0.0, ("fit", "augment_shifts"): 0, ("train", 
                ("tune", "prior_components"): [1], ("tune", "prior_dims"): [0], ("tune", "prior_gpt_weights"): [1.0],
                ("sample", "prior_positions"): "first_layer", ("tune", "prior_positions"): ["first_layer"],
                ("baseline", "components"): 16, ("baseline", "dims"): 128,
-               ("sample", "prior_component_draw"): "posterior", ("tune", "prior_component_draws"): ["posterior"]}
+               ("sample", "prior_component_draw"): "posterior", ("tune", "prior_component_draws"): ["posterior"],
+               ("tune", "samples_per_class"): 0}
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:

@@ -12,7 +12,9 @@ class; 1 is as varied as the data), and the accuracy of evaluate's classifier
 same network).
 
 Every setting samples from the same seed, so settings differ by their effect,
-not by sampling noise. The best setting minimises the objective among settings
+not by sampling noise. ``samples_per_class`` above the tuning fields' count draws
+more fields per class: accuracy and diversity then read all of them, the set
+measures the first ones, equal sizes with the tuning fields. The best setting minimises the objective among settings
 whose accuracy reaches ``min_accuracy``; `sample` then uses it by default.
 With ``max_minutes`` the settings are tried in order until the stage has run
 that long (the one under way is finished), and the best is chosen among those
@@ -191,6 +193,11 @@ def _tuning_reference(run_dir: Path, split: dict, weights: torch.Tensor, labels:
     return field.render(spec, weights[tune_idx[pick]], 28), tune_labels[pick], counts
 
 
+def first_per_class(labels: torch.Tensor, counts: dict[int, int]) -> torch.Tensor:
+    """Indices of the first counts[c] entries of each class c in labels, in label order."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:k] for c, k in counts.items()])
+
+
 def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     t0 = time.time()
     tc = cfg.tune
@@ -217,7 +224,9 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
     # Evaluate's arguments exactly, so the classifier is the same whichever stage trains it first.
     clf, _ = get_classifier(run_dir, cfg.evaluate, images[train_idx], labels[train_idx], images[held_idx],
                             labels[held_idx], split["num_classes"], progress)
-    gen_labels = torch.cat([torch.full((k,), c, dtype=torch.long) for c, k in counts.items()])
+    drawn = {c: max(k, tc.samples_per_class) for c, k in counts.items()}
+    gen_labels = torch.cat([torch.full((k,), c, dtype=torch.long) for c, k in drawn.items()])
+    compared = first_per_class(gen_labels, counts)
     if OBJECTIVES[tc.objective].uses_diversity and max(counts.values()) < 2:
         raise ArtifactError(f"{run_dir / SPLIT_FILE}: tune.objective = {tc.objective} measures the diversity within "
                             "each class, which needs at least 2 tuning fields of a class; redo `nefgpt fit --force` "
@@ -236,7 +245,7 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
         tokens = draw_tokens(model, gen_labels, vocab, spec.num_params, setting, gen, BATCH_SIZE, prior=prior)
         images_gen = field.render(spec, tok.decode(tokens), 28)
         scores = score_images(clf, images_gen, gen_labels)
-        row = {**setting, **metrics.set_metrics(images_gen, ref), "accuracy": scores["accuracy"],
+        row = {**setting, **metrics.set_metrics(images_gen[compared], ref), "accuracy": scores["accuracy"],
                "cross_entropy": scores["cross_entropy"],
                "per_class_accuracy": {c: v["accuracy"] for c, v in scores["per_class"].items() if v["n"]}}
         diversity = metrics.diversity_ratio(images_gen, gen_labels, ref, ref_labels)
@@ -264,7 +273,8 @@ def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:
         "max_minutes": tc.max_minutes,
         "diversity_definition": "per class, mean pairwise (1 - SSIM) / 2 of the samples over the same for the "
                                 "reference fields of the class, averaged over classes (1 = as varied as the data)",
-        "n_generated": len(gen_labels),
+        "n_generated": len(gen_labels),  # accuracy and diversity read them all
+        "n_set_metrics": len(compared),  # MMD, COV and 1-NNA: the first of each class, as many as the references
         "n_reference": len(ref),
         "reference": "rendered tuning-split fields (split.json 'tune')",
         "seed": tc.seed,
