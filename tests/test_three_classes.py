@@ -29,7 +29,7 @@ def fast_settings(npz) -> list[str]:
         "train.max_iters=6", "train.n_layer=1", "train.n_embd=32", "train.n_head=2", "train.batch_size=8",
         "train.warmup_iters=2", "train.eval_interval=3", "train.ckpt_interval=3", "train.max_minutes=0",
         "tune.temperatures=[1.0]", "tune.top_ks=[0, 3]", "tune.top_ps=[1.0]", "tune.min_ps=[0.0]",
-        "tune.n_per_class=1", "tune.objective=nna_gap", "tune.max_minutes=0",
+        "tune.n_per_class=1", "tune.objective=nna_gap", "tune.max_minutes=0", "tune.samples_per_class=0",
         "sample.n_per_class=2",
         "evaluate.classifier_epochs=1",
     ]

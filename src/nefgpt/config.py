@@ -80,10 +80,9 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    # Not the cpu preset's values, on purpose: a config.json saved before a key existed lacks it and from_dict
-    # fills it in from here (the shipped pretrained_models/mnist one has no class_embed, pos_bias, max_minutes),
-    # so each default must stay the value that reproduces older runs: levers off, no time budget. The tuned
-    # values live in presets/cpu.toml; tests/data/preset_snapshots.json pins every preset's resolved values.
+    # Not the cpu preset's values, on purpose: from_dict fills a key missing from an older config.json from here,
+    # so each default must reproduce older runs (levers off, no time budget). The tuned values are in
+    # presets/cpu.toml; tests/data/preset_snapshots.json pins every preset's resolved values.
     model: str = "gpt"  # gpt | regression | diffusion | gaussian | copy_noise | marginals | mixture (nefgpt.baselines)
     conditioning: str = "class"  # class: [SOS, C(label), w...]; none: unconditional
     p_uncond: float = 0.0  # share of training sequences whose class token is replaced by the null class (for guidance)
@@ -98,15 +97,14 @@ class TrainConfig:
     # Levers for learning the weight distribution (see nefgpt.model), all off by default:
     class_embed: bool = False  # a learned class embedding (classes + null class) added at every position
     pos_bias: str = "none"  # none | position | class: a learned logit bias per weight position (and per class)
-    # Decoupled decay of that bias, in its own AdamW group. Adam moves an entry the loss keeps pushing one way
-    # (a code that never occurs at a position) by about lr per step, so the decay bounds it near
-    # 1 / pos_bias_decay nats: 0.1, the matrices' default, lets it reach ~10 (such codes all but vanish).
+    # Decoupled decay of that bias (its own AdamW group). Adam moves an entry pushed one way (a code never seen at a
+    # position) by about lr per step, so the decay bounds it near 1 / pos_bias_decay nats (0.1: ~10).
     pos_bias_decay: float = 0.1
     # The bias's learning rate as a multiple of train.lr (see GPT.configure_optimizer).
     pos_bias_lr_mult: float = 1.0
     value_embed: bool = False  # add Fourier features of each code's value to its embedding (and tied head)
-    # HL-Gauss training targets: a Gaussian of this width, in code indices, around the target code; 0 = one-hot.
-    # Held-out and final losses (val_loss, train_loss) stay the plain cross-entropy; the per-step log has this one.
+    # HL-Gauss targets: a Gaussian of this width (code indices) around the target code; 0 = one-hot. val_loss and
+    # train_loss stay the plain cross-entropy; only the per-step log has this one.
     hl_sigma: float = 0.0
     # The training loss counts each token of the field's first layer (W1, b1) this many times; 1 = the plain mean.
     first_layer_weight: float = 1.0
@@ -135,9 +133,8 @@ class TrainConfig:
 class SampleConfig:
     # Use the setting `nefgpt tune` chose (tune.json) when the run has one; false turns it off entirely.
     use_tuned: bool = True
-    # The sampling keys given by hand (--temperature/--top-k/--top-p/--min-p or --set sample.<key>): they keep
-    # their value and the tuned setting fills in only the others. Kept in config.json, so later commands sample
-    # the same way; the CLI fills it in, and `--set sample.use_tuned=true` clears it (back to the whole tuned setting).
+    # The sampling keys given by hand (--temperature ... or --set sample.<key>) keep their value; the tuned setting
+    # fills in the others. Saved in config.json; `--set sample.use_tuned=true` clears it (the whole tuned setting).
     explicit: list[str] = field(default_factory=list)
     n_per_class: int = 50
     temperature: float = 1.0
@@ -145,12 +142,11 @@ class SampleConfig:
     top_p: float = 1.0  # 1.0 disables nucleus filtering
     min_p: float = 0.0  # keep tokens with probability >= min_p x the top token's (after temperature); 0 disables it
     guidance: float = 1.0  # classifier-free guidance scale: 1 is plain conditional sampling
-    # Draw this many candidates per field kept and keep, per class, those the model itself places most clearly
-    # in their class: log p(w | c) - log p(w | null) (nefgpt.generate.draw_tokens). 1 is off; > 1 needs the null
-    # class (train.p_uncond > 0) and costs that many times the sampling time.
+    # Draw this many candidates per field and keep, per class, those with the highest log p(w | c) - log p(w | null)
+    # (nefgpt.generate.draw_tokens). 1 is off; > 1 needs train.p_uncond > 0 and that many times the sampling time.
     oversample: float = 1.0
-    # Adds this many times a per-class prior's log-probability of each code value to the logits of the first layer's
-    # weights (nefgpt.weight_prior), fitted on the run's training tokens; 0 is off.
+    # Adds this many times a per-class prior's log-probability of each code value to the logits at the prior's
+    # positions (nefgpt.weight_prior, fitted on the run's training tokens); 0 is off.
     prior_weight: float = 0.0
     # The prior: a mixture of prior_components Gaussians per class in the class's leading prior_dims principal
     # directions; 1 and 0 is one Ledoit-Wolf Gaussian on all the first layer's positions.
@@ -188,9 +184,8 @@ class TuneConfig:
     prior_component_draws: list[str] = field(default_factory=lambda: ["posterior"])  # sample.prior_component_draw
     search: str = "grid"  # grid | random
     budget: int = 0  # at most this many settings (random search draws them); 0 = the whole grid
-    # Wall-clock budget of the stage in minutes (0 = none): settings are tried in order and no new one starts
-    # once it has passed (at least one is always tried); the best is chosen among those tried. With a budget
-    # the result depends on the machine's speed; search = random makes the tried ones a random subset.
+    # Wall-clock budget in minutes (0 = none): settings are tried in order, none starts after it (one always
+    # does), and the best of those tried wins; so the result depends on the machine (search = random: a random subset).
     max_minutes: float = 0.0
     # See nefgpt.objectives.OBJECTIVES: nna_gap |1-NNA - 0.5|; mmd; cov (maximized); accuracy (maximized);
     # diversity |1 - within-class diversity ratio|; balanced |1-NNA - 0.5| + |1 - diversity ratio|.
@@ -200,9 +195,8 @@ class TuneConfig:
     # the best accuracy. 0 (the default, as older runs chose) takes the most accurate setting.
     fallback_margin: float = 0.0
     n_per_class: int = 30
-    # Fields drawn per class for each setting when above n_per_class: accuracy and diversity, which choose, read
-    # all of them (a winner among noisy estimates reads high on fresh samples); MMD, COV and 1-NNA the first
-    # n_per_class, as many as the tuning fields. 0 = n_per_class.
+    # Fields drawn per class when above n_per_class: accuracy and diversity, which choose, read all of them (fewer
+    # read noisier, and the winner reads high); MMD, COV and 1-NNA the first n_per_class. 0 = n_per_class.
     samples_per_class: int = 0
     seed: int = 0
 
