@@ -139,7 +139,8 @@ def main() -> None:
     for g, t, lam, a in parse_grid(args.grid):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(args.seed)
-        out = torch.cat([decode(model, tok, prior, c, PER_CLASS, g, t, lam, a, gen, args.component_draw) for c in classes])
+        out = torch.cat([decode(model, tok, prior, c, PER_CLASS, g, t, lam, a, gen, args.component_draw)
+                         for c in classes])
         lab = torch.tensor(classes).repeat_interleave(PER_CLASS)
         r = {"guidance": g, "temperature": t, "prior_weight": lam, "prior_gpt_weight": a, **score(args.run, tok, out, lab),
              "seconds": time.perf_counter() - t0}

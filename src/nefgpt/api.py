@@ -130,9 +130,9 @@ class Generator:
         seed: seeds the sampling generator; None is the run's sample.seed. The same seed, labels and
             setting give the same fields every time.
         temperature, top_k, top_p, min_p, guidance, oversample, prior_weight, prior_components, prior_dims,
-            prior_gpt_weight, prior_positions, prior_component_draw: replace that value of `self.setting` only, as ``nefgpt sample --temperature
-            ...`` does (top_k 0, top_p 1, min_p 0, oversample 1 and prior_weight 0 are off; a prior weight needs
-            the run's training tokens, or a shipped model's fitted prior of that shape).
+            prior_gpt_weight, prior_positions, prior_component_draw: replace that value of `self.setting` only, as
+            ``nefgpt sample --temperature ...`` does (top_k 0, top_p 1, min_p 0, oversample 1 and prior_weight 0
+            are off; a prior weight needs the run's training tokens, or a shipped model's fitted prior of that shape).
         batch_size: fields generated together; None is the run's sample.batch_size, which is what makes the
             fields equal to the CLI's: the batching decides which random draws each field gets.
         """

@@ -23,15 +23,11 @@ from . import field, ssim
 from .artifacts import atomic_path
 from .figures import save_confusion_matrix, save_png
 from .layout import CONFUSION_FILE, GENERATION_FILE, NEAREST_FILE
+from .split import first_per_class
 
 FIGURE_FILES = (NEAREST_FILE, CONFUSION_FILE, GENERATION_FILE)
 
 _BLACK, _GREY, _RED = (0, 0, 0), (110, 110, 110), (200, 30, 30)
-
-
-def first_per_class(labels: torch.Tensor, per_class: int) -> list[int]:
-    """Indices of the first `per_class` items of each class, class by class."""
-    return [i for c in sorted(set(labels.tolist())) for i in torch.nonzero(labels == c).flatten()[:per_class].tolist()]
 
 
 def _tile(image: torch.Tensor, scale: int) -> Image.Image:

@@ -65,6 +65,13 @@ def load_split_images(run_dir: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
     return split, ds.images[idx], ds.labels[idx]
 
 
+def first_per_class(labels: torch.Tensor, per_class: int | dict[int, int]) -> list[int]:
+    """Indices of the first `per_class` items of each class (per_class[c] of class c, given a dict), class by class."""
+    if isinstance(per_class, int):
+        per_class = {c: per_class for c in sorted(set(labels.tolist()))}
+    return [i for c, k in sorted(per_class.items()) for i in torch.nonzero(labels == c).flatten()[:k].tolist()]
+
+
 def balanced_indices(labels: torch.Tensor, per_class: dict[int, int], seed: int) -> torch.Tensor:
     """A seeded draw of per_class[c] indices of each class c, sorted."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,8 +14,9 @@ same network).
 Every setting samples from the same seed, so settings differ by their effect,
 not by sampling noise. ``samples_per_class`` above the tuning fields' count draws
 more fields per class: accuracy and diversity then read all of them, the set
-measures the first ones, equal sizes with the tuning fields. The best setting minimises the objective among settings
-whose accuracy reaches ``min_accuracy``; `sample` then uses it by default.
+measures the first ones, equal sizes with the tuning fields. The best setting
+minimises the objective among settings whose accuracy reaches ``min_accuracy``;
+`sample` then uses it by default.
 With ``max_minutes`` the settings are tried in order until the stage has run
 that long (the one under way is finished), and the best is chosen among those
 tried; tune.json records how many were tried and why the search stopped.
@@ -46,7 +47,7 @@ from .figures import save_tune_heatmap
 from .fields_io import load_nefs
 from .generate import check_guidance, draw_tokens, trained_config
 from .layout import CKPT_FILE, SPLIT_FILE, TOKENIZER_FILE, TUNE_FILE, TUNE_HEATMAP_FILE, TUNE_TABLE_FILE
-from .split import balanced_indices, load_split_images
+from .split import balanced_indices, first_per_class, load_split_images
 from .codebook import load_tokenizer
 from .weight_prior import run_prior
 
@@ -191,11 +192,6 @@ def _tuning_reference(run_dir: Path, split: dict, weights: torch.Tensor, labels:
     counts = {c: min(n_per_class, int((tune_labels == c).sum())) for c in sorted(set(tune_labels.tolist()))}
     pick = balanced_indices(tune_labels, counts, seed)
     return field.render(spec, weights[tune_idx[pick]], 28), tune_labels[pick], counts
-
-
-def first_per_class(labels: torch.Tensor, counts: dict[int, int]) -> torch.Tensor:
-    """Indices of the first counts[c] entries of each class c in labels, in label order."""
-    return torch.cat([torch.nonzero(labels == c).flatten()[:k] for c, k in counts.items()])
 
 
 def run_tune(cfg: RunConfig, run_dir: Path, progress: bool = True) -> dict:

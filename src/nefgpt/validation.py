@@ -26,7 +26,8 @@ _NON_NEGATIVE = {
     "tokenize": ("max_iters",),
     "train": ("max_iters", "warmup_iters", "head_dim", "max_minutes", "pos_bias_decay", "hl_sigma",
               "pos_bias_lr_mult"),
-    "tune": ("budget", "samples_per_class"),  # the other [tune] settings: check_tune below; the sampling ones: check_sampling
+    # The other [tune] settings: check_tune below; the sampling ones: check_sampling.
+    "tune": ("budget", "samples_per_class"),
     "regression": ("noise",),
     "diffusion": ("dropout", "p_uncond", "max_minutes", "min_lr_frac", "warmup_iters", "weight_decay", "grad_clip",
                   "eta", "clip_x0"),
