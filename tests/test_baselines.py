@@ -24,7 +24,7 @@ from nefgpt.train_log import LOG_COLUMNS
 
 TOY = [
     "data.heldout_per_class=2", "data.tune_per_class=1", "fit.steps=10", "fit.anchor_steps=20",
-    "tokenize.max_iters=10", "sample.n_per_class=2", "evaluate.classifier_epochs=1",
+    "tokenize.max_iters=10", "sample.n_per_class=2", "sample.critic_fields=0", "evaluate.classifier_epochs=1",
 ]
 TINY_DIFFUSION = [
     "diffusion.width=32", "diffusion.n_blocks=1", "diffusion.batch_size=8", "diffusion.max_iters=30",

@@ -35,7 +35,7 @@ def toy_settings(npz: Path) -> list[str]:
         "tune.temperatures=[1.0]", "tune.top_ks=[0, 3]", "tune.top_ps=[1.0]", "tune.n_per_class=1",
         "tune.objective=nna_gap", "tune.max_minutes=0",  # one sample per class: no diversity to measure
         "tune.samples_per_class=0",
-        "sample.n_per_class=2",
+        "sample.n_per_class=2", "sample.critic_fields=0",
         "evaluate.classifier_epochs=1",
     ]
     return [arg for s in sets for arg in ("--set", s)]
@@ -160,6 +160,26 @@ def test_single_stage_force_redoes_it(run_copy):
     # Same seed, same samples.
     with np.load(run_copy / "samples.npz") as z:
         assert z["images"].shape == (20, 28, 28)
+
+
+def test_sample_with_a_critic_trains_it_once_and_records_it(run_copy):
+    argv = ["sample", "--out", run_copy, "--quiet", "--set", "sample.critic_fields=4", "--set",
+            "sample.critic_quantile=0.3"]
+    rc, _, err = call(argv)
+    assert rc == 0, err
+    critic = run_copy / "critic.safetensors"
+    made = critic.stat().st_mtime_ns
+    meta = load_tensors(run_copy / "samples.safetensors")[1]
+    assert meta["critic"]["n_drawn"] == 40 and meta["critic"]["quantile"] == 0.3
+    assert 0 < meta["critic"]["kept_fraction"] <= 1
+    assert load_tensors(run_copy / "samples.safetensors")[0]["labels"].tolist() == [c for c in range(10)
+                                                                                   for _ in range(2)]
+    rc, _, err = call([*argv, "--force"])  # the same setting and seed: the saved critic serves again
+    assert rc == 0, err
+    assert critic.stat().st_mtime_ns == made
+    rc, _, err = call(["sample", "--out", run_copy, "--quiet", "--set", "sample.critic_quantile=1"])
+    assert rc == 2
+    assert_one_error_line(err, "sample.critic_quantile")
 
 
 def test_sample_with_options_resamples(run_copy):

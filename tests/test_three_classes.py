@@ -30,6 +30,7 @@ def fast_settings(npz) -> list[str]:
         "train.warmup_iters=2", "train.eval_interval=3", "train.ckpt_interval=3", "train.max_minutes=0",
         "tune.temperatures=[1.0]", "tune.top_ks=[0, 3]", "tune.top_ps=[1.0]", "tune.min_ps=[0.0]",
         "tune.n_per_class=1", "tune.objective=nna_gap", "tune.max_minutes=0", "tune.samples_per_class=0",
+        "sample.critic_fields=0",
         "sample.n_per_class=2",
         "evaluate.classifier_epochs=1",
     ]

@@ -491,7 +491,8 @@ def test_cli_fit_tokenize_train_sample_with_position_offsets(tiny_npz, tmp_path)
     sets = [f"data.dataset=npz:{tiny_npz}", "data.heldout_per_class=2", "data.tune_per_class=1",
             "fit.steps=10", "fit.anchor_steps=20", "tokenize.max_iters=10", "tokenize.offsets=position",
             "train.max_iters=4", "train.n_layer=1", "train.n_embd=32", "train.n_head=2", "train.batch_size=8",
-            "train.warmup_iters=2", "train.eval_interval=2", "train.ckpt_interval=2", "sample.n_per_class=1"]
+            "train.warmup_iters=2", "train.eval_interval=2", "train.ckpt_interval=2", "sample.n_per_class=1",
+            "sample.critic_fields=3"]  # the critic judges the weights the offsets decode to
     args = [a for s in sets for a in ("--set", s)]
     for stage in ("fit", "tokenize", "train", "sample"):
         assert main([stage, "--out", str(run), "--quiet", *args]) == 0, stage

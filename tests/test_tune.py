@@ -234,7 +234,7 @@ TOY = [
     "sample.n_per_class=2", "evaluate.classifier_epochs=1",
     "tune.temperatures=[0.5, 1.0]", "tune.top_ks=[0, 2]", "tune.top_ps=[1.0]", "tune.min_accuracy=0.0",
     "tune.guidances=[1.0]", "tune.prior_weights=[0.0]", "tune.min_ps=[0.0]", "tune.max_minutes=0",
-    "tune.objective=nna_gap", "train.p_uncond=0.0", "tune.samples_per_class=0",
+    "tune.objective=nna_gap", "train.p_uncond=0.0", "tune.samples_per_class=0", "sample.critic_fields=0",
 ]
 
 

@@ -17,6 +17,7 @@ Errors are nefgpt.errors.NefgptError subclasses with a one-line message, as the 
 from __future__ import annotations
 
 import copy
+import json
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,13 +29,14 @@ import torch
 from . import field
 from .artifacts import load_json
 from .checkpoint import load_checked_model
-from .config import RunConfig, from_dict, load_preset
+from .config import RunConfig, SampleConfig, from_dict, load_preset
+from .critic import Critic
 from .errors import ArtifactError, UsageError
 from .generate import trained_config
 from .layout import CKPT_FILE, CONFIG_FILE, TOKENIZER_FILE
 from .model import GPT
 from .pretrained import model_dir
-from .sample import draw
+from .sample import draw, run_critic
 from .codebook import Tokenizer, Vocab, load_tokenizer
 from .tune import sampling_config
 from .validation import SAMPLING_KEYS
@@ -89,6 +91,7 @@ class Generator:
         self._trained = trained  # the checkpoint's train config: guidance and conditioning are checked against it
         # Fitting the prior over every weight takes seconds (EM per class), so each shape is fitted once.
         self._priors: dict[tuple[int, int, str], WeightPrior] = {}
+        self._critics: dict[str, Critic] = {}  # by setting: each one draws and trains for a minute or two
 
     @property
     def vocab(self) -> Vocab:
@@ -121,7 +124,8 @@ class Generator:
                min_p: float | None = None, guidance: float | None = None, oversample: float | None = None,
                prior_weight: float | None = None, prior_components: int | None = None, prior_dims: int | None = None,
                prior_gpt_weight: float | None = None, prior_positions: str | None = None,
-               prior_component_draw: str | None = None, batch_size: int | None = None,
+               prior_component_draw: str | None = None, critic_fields: int | None = None,
+               critic_quantile: float | None = None, batch_size: int | None = None,
                progress: bool = False) -> Fields:
         """Generate fields, one per entry of `labels`, in that order.
 
@@ -133,6 +137,9 @@ class Generator:
             prior_gpt_weight, prior_positions, prior_component_draw: replace that value of `self.setting` only, as
             ``nefgpt sample --temperature ...`` does (top_k 0, top_p 1, min_p 0, oversample 1 and prior_weight 0
             are off; a prior weight needs the run's training tokens, or a shipped model's fitted prior of that shape).
+        critic_fields, critic_quantile: rejection by a critic (nefgpt.critic; critic_fields 0 is off). The run's
+            critic.safetensors serves when it was trained for this setting and seed; otherwise a new critic is
+            trained (it draws critic_fields fields per class first) and kept in memory, not written.
         batch_size: fields generated together; None is the run's sample.batch_size, which is what makes the
             fields equal to the CLI's: the batching decides which random draws each field gets.
         """
@@ -141,12 +148,13 @@ class Generator:
                  "oversample": oversample, "prior_weight": prior_weight, "prior_components": prior_components,
                  "prior_dims": prior_dims, "prior_gpt_weight": prior_gpt_weight,
                  "prior_positions": prior_positions, "prior_component_draw": prior_component_draw, "seed": seed,
-                 "batch_size": batch_size}
+                 "critic_fields": critic_fields, "critic_quantile": critic_quantile, "batch_size": batch_size}
         for key, value in given.items():
             if value is not None:
                 setattr(cfg, key, value)
         # The integers are checked here; draw checks the setting's ranges, as for the CLI.
-        for key, minimum in (("top_k", 0), ("seed", 0), ("batch_size", 1), ("prior_components", 1), ("prior_dims", 0)):
+        for key, minimum in (("top_k", 0), ("seed", 0), ("batch_size", 1), ("prior_components", 1), ("prior_dims", 0),
+                             ("critic_fields", 0)):
             _integer(key, getattr(cfg, key), minimum)
         if labels is None:
             cfg.n_per_class = _integer("n_per_class", n_per_class, 1)
@@ -154,11 +162,21 @@ class Generator:
         else:
             cfg.n_per_class = 1  # one field per listed label: draw lays out n_per_class copies of each
             chosen = _labels(labels)
+        if not 0 <= cfg.critic_quantile < 1:
+            raise UsageError(f"critic_quantile must be in [0, 1), got {cfg.critic_quantile}")
         prior = self._prior(cfg.prior_components, cfg.prior_dims, cfg.prior_positions) if cfg.prior_weight > 0 else None
+        critic = self._critic(cfg, prior, progress) if cfg.critic_fields > 0 else None
         tokens, all_labels, _ = draw(self.model, self.vocab, self.spec.num_params, self._trained, cfg, chosen,
-                                     str(self.run_dir / CKPT_FILE), progress, prior)
+                                     str(self.run_dir / CKPT_FILE), progress, prior, critic)
         return Fields(self.tokenizer.decode(tokens), all_labels, self.spec, tokens,
                       {k: getattr(cfg, k) for k in SAMPLING_KEYS})
+
+    def _critic(self, cfg: SampleConfig, prior: WeightPrior | None, progress: bool) -> Critic:
+        key = json.dumps({k: getattr(cfg, k) for k in (*SAMPLING_KEYS, "critic_fields", "critic_quantile", "seed")})
+        if key not in self._critics:
+            self._critics[key] = run_critic(self.model, self.tokenizer, self._trained, cfg, self.run_dir, progress,
+                                            prior, save=False)
+        return self._critics[key]
 
     def _prior(self, components: int, dims: int, positions: str) -> WeightPrior:
         key = (components, dims, positions)

@@ -41,6 +41,7 @@ TUNE_HEATMAP_FILE = "tune_heatmap.png"
 SAMPLES_FILE = "samples.safetensors"
 IMAGES_FILE = "samples.npz"
 GRID_FILE = "samples_grid.png"
+CRITIC_FILE = "critic.safetensors"  # with sample.critic_fields > 0: the rejection step's discriminator
 
 # evaluate
 METRICS_FILE = "metrics.json"

@@ -16,14 +16,15 @@ from .artifacts import load_checkpoint, save_checkpoint, write_bytes
 from .checkpoint import sampling_weights
 from .errors import UsageError
 from .codebook import load_tokenizer
-from .layout import (CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, GRID_FILE, METRICS_FILE, PRIOR_FILE, TOKENIZER_FILE,
-                     TUNE_FILE)
+from .layout import (CKPT_FILE, CLASSIFIER_FILE, CONFIG_FILE, CRITIC_FILE, GRID_FILE, METRICS_FILE, PRIOR_FILE,
+                     TOKENIZER_FILE, TUNE_FILE)
 from .tune import load_best_setting
 from .weight_prior import prior_training_codes, save_prior
 
 MODELS_DIR = "pretrained_models"
 # What `sample` needs, and what lets a user (and a test) check the recorded numbers.
-SHIPPED_FILES = (TOKENIZER_FILE, CKPT_FILE, CONFIG_FILE, TUNE_FILE, METRICS_FILE, CLASSIFIER_FILE, GRID_FILE)
+SHIPPED_FILES = (TOKENIZER_FILE, CKPT_FILE, CONFIG_FILE, TUNE_FILE, METRICS_FILE, CLASSIFIER_FILE, GRID_FILE,
+                 CRITIC_FILE)
 REQUIRED_FILES = (TOKENIZER_FILE, CKPT_FILE, CONFIG_FILE)
 
 

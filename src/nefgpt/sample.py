@@ -8,6 +8,7 @@ front, so an absurd ``-n`` is refused before any work.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples
 from .codebook import Vocab, load_tokenizer
-from .weight_prior import WeightPrior, run_prior
+from .critic import SEED_OFFSET, Critic, load_critic, model_fingerprint, save_critic, train_critic
+from .layout import CRITIC_FILE
+from .weight_prior import WeightPrior, prior_training_codes, run_prior
 
 
 # Sampling time per field when the run has none measured: a conservative CPU figure (the demo GPT measured
@@ -85,7 +88,7 @@ def _duration(seconds: float) -> str:
 
 
 def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleConfig, labels: list[int] | None,
-         where: str, progress: bool = False, prior: WeightPrior | None = None
+         where: str, progress: bool = False, prior: WeightPrior | None = None, critic: Critic | None = None
          ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(tokens (N, num_weights), labels (N,), conditioned): cfg.n_per_class fields for each of `labels`
     (None: every class), in that order, as the `sample` stage draws them.
@@ -94,7 +97,7 @@ def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleC
     (cfg.batch_size: the batching decides which random draws each field gets), so the stage and
     nefgpt.api give the same tokens for the same labels, seed and setting. `trained` is the checkpoint's
     train config and `where` names the checkpoint in messages; `prior` is the run's first-layer prior, which
-    cfg.prior_weight > 0 needs.
+    cfg.prior_weight > 0 needs, and `critic` the one cfg.critic_fields > 0 needs (fit_critic).
     """
     check_sampling(**{k: getattr(cfg, k) for k in SAMPLING_KEYS}, num_codes=vocab.num_codes)
     check_guidance(cfg.guidance, trained, where)
@@ -116,8 +119,56 @@ def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleC
     if cfg.prior_weight > 0 and not conditioned:
         raise UsageError(f"sample.prior_weight > 0 is a class's density, but {where} is an unconditional model "
                          "(train.conditioning = none); use prior_weight 0")
-    tokens = draw_tokens(model, conditions, vocab, num_weights, setting, gen, cfg.batch_size, progress, prior)
+    if cfg.critic_fields > 0 and not conditioned:
+        raise UsageError(f"sample.critic_fields > 0 judges fields of a class, but {where} is an unconditional model "
+                         "(train.conditioning = none); use critic_fields 0")
+    if critic is None:
+        tokens = draw_tokens(model, conditions, vocab, num_weights, setting, gen, cfg.batch_size, progress, prior)
+    else:
+        tokens, _ = critic.draw_accepted(lambda labs: draw_tokens(model, labs, vocab, num_weights, setting, gen,
+                                                                  cfg.batch_size, progress, prior),
+                                         conditions, gen)
     return tokens, all_labels, conditioned
+
+
+def critic_matches(critic: Critic, tok_id: str, model_id: str, cfg: SampleConfig) -> bool:
+    """A saved critic serves a sampling when it was trained against this model and tokenizer at this setting."""
+    want = {"tokenizer_id": tok_id, "model_id": model_id, "setting": {k: getattr(cfg, k) for k in SAMPLING_KEYS},
+            "critic_fields": cfg.critic_fields, "quantile": cfg.critic_quantile, "seed": cfg.seed}
+    return all(critic.info.get(k) == v for k, v in want.items())
+
+
+def fit_critic(model: GPT, tok, trained: dict, cfg: SampleConfig, run_dir: Path, where: str,
+               progress: bool = False, prior: WeightPrior | None = None) -> Critic:
+    """The critic for sampling `model` at cfg's setting: cfg.critic_fields fields per class drawn from it (seed
+    cfg.seed + critic.SEED_OFFSET), told apart from the run's training fields (nefgpt.critic)."""
+    codes, labels = prior_training_codes(run_dir, tok, tok.spec.num_params, "sample.critic_fields > 0",
+                                         "critic_fields 0", raw_only=False)
+    fake_cfg = copy.copy(cfg)
+    fake_cfg.n_per_class, fake_cfg.seed, fake_cfg.critic_fields = cfg.critic_fields, cfg.seed + SEED_OFFSET, 0
+    fake, fake_labels, _ = draw(model, tok.vocab, tok.spec.num_params, trained, fake_cfg, None, where, progress, prior)
+    critic = train_critic(tok.decode(codes), labels, tok.decode(fake), fake_labels, tok.vocab.num_classes,
+                          cfg.critic_quantile, seed=cfg.seed, progress=progress)
+    critic.info.update(tokenizer_id=tok.id, model_id=model_fingerprint(model), critic_fields=cfg.critic_fields,
+                       seed=cfg.seed, setting={k: getattr(cfg, k) for k in SAMPLING_KEYS})
+    return critic
+
+
+def run_critic(model: GPT, tok, trained: dict, cfg: SampleConfig, run_dir: Path, progress: bool = False,
+               prior: WeightPrior | None = None, save: bool = True) -> Critic:
+    """The run's critic.safetensors when it matches this sampling (critic_matches), else a new one (saved
+    there when `save`)."""
+    path = run_dir / CRITIC_FILE
+    if path.exists():
+        saved = load_critic(path)
+        if critic_matches(saved, tok.id, model_fingerprint(model), cfg):
+            saved.decode = tok.decode
+            return saved
+    critic = fit_critic(model, tok, trained, cfg, run_dir, str(run_dir / CKPT_FILE), progress, prior)
+    critic.decode = tok.decode
+    if save:
+        save_critic(path, critic)
+    return critic
 
 
 def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: list[int] | None = None) -> dict:
@@ -128,10 +179,13 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
     prior = (run_prior(run_dir, tok, cfg.prior_components, cfg.prior_dims, cfg.prior_positions)
              if cfg.prior_weight > 0 else None)
+    critic = (run_critic(model, tok, trained_config(ckpt), cfg, run_dir, progress, prior)
+              if cfg.critic_fields > 0 else None)
     t0 = time.perf_counter()
     tokens, all_labels, conditioned = draw(model, vocab, spec.num_params, trained_config(ckpt), cfg, labels,
-                                           str(run_dir / CKPT_FILE), progress, prior)
+                                           str(run_dir / CKPT_FILE), progress, prior, critic)
     meta = {"tokenizer_id": tok_id, "sampling": vars(cfg).copy(), "conditioned": conditioned,
+            "critic": None if critic is None else {**critic.info, "kept_fraction": critic.kept_fraction},
             "seconds_per_field": (time.perf_counter() - t0) / max(len(all_labels), 1)}
     save_samples(run_dir, spec, tok.decode(tokens), all_labels, meta,
                  extra={"tokens": tokens.to(torch.int16)}, per_row=min(cfg.n_per_class, 10))

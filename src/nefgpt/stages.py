@@ -112,7 +112,7 @@ ADDED_LATER = {("fit", "init_l2"): 0.0, ("fit", "augment_shifts"): 0, ("train", 
                ("sample", "prior_positions"): "first_layer", ("tune", "prior_positions"): ["first_layer"],
                ("baseline", "components"): 16, ("baseline", "dims"): 128,
                ("sample", "prior_component_draw"): "posterior", ("tune", "prior_component_draws"): ["posterior"],
-               ("tune", "samples_per_class"): 0}
+               ("tune", "samples_per_class"): 0, ("sample", "critic_fields"): 0, ("sample", "critic_quantile"): 0.5}
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:

@@ -28,6 +28,7 @@ _NON_NEGATIVE = {
               "pos_bias_lr_mult"),
     # The other [tune] settings: check_tune below; the sampling ones: check_sampling.
     "tune": ("budget", "samples_per_class"),
+    "sample": ("critic_fields",),
     "regression": ("noise",),
     "diffusion": ("dropout", "p_uncond", "max_minutes", "min_lr_frac", "warmup_iters", "weight_decay", "grad_clip",
                   "eta", "clip_x0"),
@@ -206,6 +207,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                    prior_weight=s.prior_weight, prior_components=s.prior_components, prior_dims=s.prior_dims,
                    prior_gpt_weight=s.prior_gpt_weight, prior_positions=s.prior_positions,
                    prior_component_draw=s.prior_component_draw)
+    if not 0 <= s.critic_quantile < 1:  # also refuses NaN
+        raise UsageError(f"sample.critic_quantile must be in [0, 1), got {s.critic_quantile}")
     unknown = [k for k in s.explicit if k not in SAMPLING_KEYS]
     if unknown:
         raise UsageError(f"sample.explicit lists {', '.join(unknown)}: not a sampling key ({', '.join(SAMPLING_KEYS)})")

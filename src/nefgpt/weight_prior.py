@@ -171,13 +171,8 @@ def _load_prior(saved: Path, tok: Tokenizer, components: int, dims: int, n: int)
         raise ArtifactError(f"{saved}: made for another tokenizer than the run's tokenizer.safetensors")
     c = tok.vocab.num_classes
     if "codes" in t:
-        codes, labels = t["codes"].long(), t.get("labels")
-        if codes.ndim != 2 or codes.shape[1] < n or labels is None or labels.shape != codes.shape[:1]:
-            raise ArtifactError(f"{saved}: needs codes (N, >= {n}) and labels (N,), got codes {tuple(codes.shape)}")
-        if int(codes.min()) < 0 or int(codes.max()) >= tok.vocab.num_codes or int(labels.min()) < 0 \
-                or int(labels.max()) >= c:
-            raise ArtifactError(f"{saved}: codes or labels out of range ({tok.vocab.num_codes} codes, {c} classes)")
-        return WeightPrior.fit(tok.codebook[codes[:, :n]], labels, c, tok.codebook, components, dims)
+        codes, labels = _saved_codes(saved, t, tok, n)
+        return WeightPrior.fit(tok.codebook[codes], labels, c, tok.codebook, components, dims)
     # The first shipped priors: one fitted Gaussian per class on the first layer (mean (C, n), chol (C, n, n)).
     mean, chol = t.get("mean"), t.get("chol")
     if mean is None or chol is None or mean.shape != (c, n) or chol.shape != (c, n, n):
@@ -188,15 +183,33 @@ def _load_prior(saved: Path, tok: Tokenizer, components: int, dims: int, n: int)
     return WeightPrior(mean, chol, t["values"] if "values" in t else tok.codebook)
 
 
-def prior_training_codes(run_dir: Path, tok: Tokenizer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _saved_codes(saved: Path, t: dict, tok: Tokenizer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    c = tok.vocab.num_classes
+    codes, labels = t["codes"].long(), t.get("labels")
+    if codes.ndim != 2 or codes.shape[1] < n or labels is None or labels.shape != codes.shape[:1]:
+        raise ArtifactError(f"{saved}: needs codes (N, >= {n}) and labels (N,), got codes {tuple(codes.shape)}")
+    if int(codes.min()) < 0 or int(codes.max()) >= tok.vocab.num_codes or int(labels.min()) < 0 \
+            or int(labels.max()) >= c:
+        raise ArtifactError(f"{saved}: codes or labels out of range ({tok.vocab.num_codes} codes, {c} classes)")
+    return codes[:, :n], labels.long()
+
+
+def prior_training_codes(run_dir: Path, tok: Tokenizer, n: int, needs: str = "sample.prior_weight > 0",
+                         off: str = "prior_weight 0", raw_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes of the first n positions (N, n) and the labels (N,) of a run's training rows: what its prior is
-    fitted on."""
-    if tok.offsets != "none" or tok.order != "input_first":
-        raise UsageError(f"sample.prior_weight > 0: the prior is on the raw weights, but the run's tokens "
-                         f"are tokenize.offsets = {tok.offsets}, tokenize.order = {tok.order}; use prior_weight 0")
+    fitted on (and the critic trained on, which takes any tokenizer: raw_only False). `needs` and `off` name the
+    setting in messages."""
+    if raw_only and (tok.offsets != "none" or tok.order != "input_first"):
+        raise UsageError(f"{needs}: the prior is on the raw weights, but the run's tokens "
+                         f"are tokenize.offsets = {tok.offsets}, tokenize.order = {tok.order}; use {off}")
+    saved = run_dir / PRIOR_FILE
+    if not (run_dir / TOKENS_FILE).exists() and saved.exists():  # a shipped model carries its training codes
+        t, meta = load_tensors(saved)
+        if "codes" in t and meta.get("tokenizer_id") == tok.id:
+            return _saved_codes(saved, t, tok, n)
     if not (run_dir / TOKENS_FILE).exists():
-        raise ArtifactError(f"{run_dir / TOKENS_FILE}: sample.prior_weight > 0 fits its prior on the run's training "
-                            "tokens, and this run has none (a shipped pretrained model?); use prior_weight 0")
+        raise ArtifactError(f"{run_dir / TOKENS_FILE}: {needs} fits its prior on the run's training "
+                            f"tokens, and this run has none (a shipped pretrained model?); use {off}")
     tokens, labels = load_tokens(run_dir, tok.id)
     rows = training_rows(load_split(run_dir), load_metadata(run_dir / TOKENS_FILE))
     return tokens[rows, :n], labels[rows]
