@@ -160,9 +160,8 @@ class SampleConfig:
     # posterior: the components' weights follow the decoded values (the GPT's pull moves fields between them);
     # first: each field draws its component by its weight before decoding and stays in it (every style stays).
     prior_component_draw: str = "posterior"
-    # Rejection by a critic (nefgpt.critic): this many fields per class are drawn to train a discriminator against
-    # the training fields, and candidates are kept by its density ratio; 0 is off. critic_quantile: the class's
-    # quantile of the critic's logits above which every candidate is kept (0.5 keeps about 60 %).
+    # Rejection by a critic (nefgpt.critic): fields per class drawn to train it (0 is off), and the class's quantile
+    # of its logits above which every candidate is kept.
     critic_fields: int = 0
     critic_quantile: float = 0.5
     batch_size: int = 250
