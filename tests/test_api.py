@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import nefgpt
+from nefgpt.critic import load_critic
 from nefgpt import cli
 from nefgpt.artifacts import load_tensors
 from nefgpt.errors import ArtifactError, NefgptError, UsageError
@@ -56,6 +57,15 @@ def test_same_seed_same_fields_other_seed_others(gen):
     assert not torch.equal(a.weights, c.weights)
 
 
+def test_every_seed_of_the_tuned_setting_uses_the_shipped_critic(gen):
+    assert gen.config.sample.critic_fields > 0
+    shipped = load_critic(gen.run_dir / "critic.safetensors")
+    for seed in (0, 7):
+        gen.sample(labels=[4], seed=seed)
+    (critic,) = gen._critics.values()  # one critic, loaded, not trained again
+    assert critic.info == shipped.info and 0 < critic.kept_fraction <= 1
+
+
 def test_the_prior_is_fitted_once_per_shape(monkeypatch):
     from nefgpt import api
     fitted = []
@@ -67,9 +77,10 @@ def test_the_prior_is_fitted_once_per_shape(monkeypatch):
     run_prior = api.run_prior
     monkeypatch.setattr(api, "run_prior", counting)
     g = nefgpt.load_pretrained("mnist")
-    first = g.sample(labels=[1], seed=0, prior_weight=1.0, prior_components=2, prior_dims=8)
-    again = g.sample(labels=[1], seed=0, prior_weight=1.0, prior_components=2, prior_dims=8)
-    g.sample(labels=[1], seed=0, prior_weight=1.0, prior_components=3, prior_dims=8)
+    # critic_fields 0: another prior shape is another setting, for which a critic would first be trained
+    first = g.sample(labels=[1], seed=0, prior_weight=1.0, prior_components=2, prior_dims=8, critic_fields=0)
+    again = g.sample(labels=[1], seed=0, prior_weight=1.0, prior_components=2, prior_dims=8, critic_fields=0)
+    g.sample(labels=[1], seed=0, prior_weight=1.0, prior_components=3, prior_dims=8, critic_fields=0)
     assert torch.equal(first.tokens, again.tokens)
     assert [shape[:2] for shape in fitted] == [(2, 8), (3, 8)]
 
@@ -89,8 +100,8 @@ def test_api_matches_the_cli_sample_command(gen, tmp_path):
 
 
 def test_explicit_override_changes_the_setting(gen):
-    default = gen.sample(labels=[1, 1], seed=0)
-    hotter = gen.sample(labels=[1, 1], seed=0, temperature=0.5)
+    default = gen.sample(labels=[1, 1], seed=0, critic_fields=0)
+    hotter = gen.sample(labels=[1, 1], seed=0, temperature=0.5, critic_fields=0)
     assert hotter.setting == {**gen.setting, "temperature": 0.5}
     assert default.setting == gen.setting and gen.setting["temperature"] != 0.5
     assert not torch.equal(default.weights, hotter.weights)

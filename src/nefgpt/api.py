@@ -138,8 +138,8 @@ class Generator:
             ``nefgpt sample --temperature ...`` does (top_k 0, top_p 1, min_p 0, oversample 1 and prior_weight 0
             are off; a prior weight needs the run's training tokens, or a shipped model's fitted prior of that shape).
         critic_fields, critic_quantile: rejection by a critic (nefgpt.critic; critic_fields 0 is off). The run's
-            critic.safetensors serves when it was trained for this setting and seed; otherwise a new critic is
-            trained (it draws critic_fields fields per class first) and kept in memory, not written.
+            critic.safetensors serves every seed of the setting it was trained for; another setting trains a new
+            critic (it draws critic_fields fields per class first: a minute or two on a CPU), kept in memory.
         batch_size: fields generated together; None is the run's sample.batch_size, which is what makes the
             fields equal to the CLI's: the batching decides which random draws each field gets.
         """
@@ -172,7 +172,7 @@ class Generator:
                       {k: getattr(cfg, k) for k in SAMPLING_KEYS})
 
     def _critic(self, cfg: SampleConfig, prior: WeightPrior | None, progress: bool) -> Critic:
-        key = json.dumps({k: getattr(cfg, k) for k in (*SAMPLING_KEYS, "critic_fields", "critic_quantile", "seed")})
+        key = json.dumps({k: getattr(cfg, k) for k in (*SAMPLING_KEYS, "critic_fields", "critic_quantile")})
         if key not in self._critics:
             self._critics[key] = run_critic(self.model, self.tokenizer, self._trained, cfg, self.run_dir, progress,
                                             prior, save=False)

@@ -33,7 +33,7 @@ EPOCHS = 30  # the best epoch on the held-back tenth is kept; it is usually the 
 BATCH = 128
 LR, WEIGHT_DECAY, DROPOUT, INPUT_NOISE = 1e-3, 0.1, 0.5, 0.05
 CLASS_SCALE = 3.0  # the one-hot class, scaled to stand out beside 561 standardized weights
-SEED_OFFSET = 1_000_003  # the critic's own fields draw from sample.seed + this, apart from the samples' stream
+SEED = 1_000_003  # the critic's own fields draw from this seed, apart from any sample seed's stream
 MAX_ROUNDS = 50
 
 

@@ -24,7 +24,7 @@ from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples
 from .codebook import Vocab, load_tokenizer
-from .critic import SEED_OFFSET, Critic, load_critic, model_fingerprint, save_critic, train_critic
+from .critic import SEED, Critic, load_critic, model_fingerprint, save_critic, train_critic
 from .layout import CRITIC_FILE
 from .weight_prior import WeightPrior, prior_training_codes, run_prior
 
@@ -134,23 +134,24 @@ def draw(model: GPT, vocab: Vocab, num_weights: int, trained: dict, cfg: SampleC
 def critic_matches(critic: Critic, tok_id: str, model_id: str, cfg: SampleConfig) -> bool:
     """A saved critic serves a sampling when it was trained against this model and tokenizer at this setting."""
     want = {"tokenizer_id": tok_id, "model_id": model_id, "setting": {k: getattr(cfg, k) for k in SAMPLING_KEYS},
-            "critic_fields": cfg.critic_fields, "quantile": cfg.critic_quantile, "seed": cfg.seed}
+            "critic_fields": cfg.critic_fields, "quantile": cfg.critic_quantile}
     return all(critic.info.get(k) == v for k, v in want.items())
 
 
 def fit_critic(model: GPT, tok, trained: dict, cfg: SampleConfig, run_dir: Path, where: str,
                progress: bool = False, prior: WeightPrior | None = None) -> Critic:
-    """The critic for sampling `model` at cfg's setting: cfg.critic_fields fields per class drawn from it (seed
-    cfg.seed + critic.SEED_OFFSET), told apart from the run's training fields (nefgpt.critic)."""
+    """The critic for sampling `model` at cfg's setting: cfg.critic_fields fields per class drawn from it, told
+    apart from the run's training fields (nefgpt.critic). Its draw and training have fixed seeds (critic.SEED),
+    apart from the samples' stream, so every sample seed shares one critic."""
     codes, labels = prior_training_codes(run_dir, tok, tok.spec.num_params, "sample.critic_fields > 0",
                                          "critic_fields 0", raw_only=False)
     fake_cfg = copy.copy(cfg)
-    fake_cfg.n_per_class, fake_cfg.seed, fake_cfg.critic_fields = cfg.critic_fields, cfg.seed + SEED_OFFSET, 0
+    fake_cfg.n_per_class, fake_cfg.seed, fake_cfg.critic_fields = cfg.critic_fields, SEED, 0
     fake, fake_labels, _ = draw(model, tok.vocab, tok.spec.num_params, trained, fake_cfg, None, where, progress, prior)
     critic = train_critic(tok.decode(codes), labels, tok.decode(fake), fake_labels, tok.vocab.num_classes,
-                          cfg.critic_quantile, seed=cfg.seed, progress=progress)
+                          cfg.critic_quantile, seed=0, progress=progress)
     critic.info.update(tokenizer_id=tok.id, model_id=model_fingerprint(model), critic_fields=cfg.critic_fields,
-                       seed=cfg.seed, setting={k: getattr(cfg, k) for k in SAMPLING_KEYS})
+                       setting={k: getattr(cfg, k) for k in SAMPLING_KEYS})
     return critic
 
 
