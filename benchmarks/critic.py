@@ -54,8 +54,10 @@ def main() -> None:
                                     **({"critic_fields": 0} | kw))
                 seconds = time.perf_counter() - t0  # with q: the critic's own draw and training, the first time
                 m = score(args.run, gen.tokenizer, fields.tokens, fields.labels)
-                # each (weight, seed, quantile) trains its own critic, the newest in the generator's cache
-                kept = None if q is None else list(gen._critics.values())[-1].kept_fraction
+                # the generator keeps one critic per setting and quantile; every seed shares it
+                kept = None if q is None else next(c.kept_fraction for c in gen._critics.values()
+                                                   if c.info["quantile"] == q
+                                                   and c.info["setting"]["prior_gpt_weight"] == a)
                 rows.append({"prior_gpt_weight": a, "seed": seed, "critic_quantile": q,
                              "critic_fields": 0 if q is None else args.critic_fields, "kept_fraction": kept,
                              "seconds": seconds, **m})

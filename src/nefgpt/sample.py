@@ -1,7 +1,8 @@
 """Stage `sample`: generate class-conditioned fields with the trained GPT.
 
 Generation itself (decoding, guidance, the logit filters) is nefgpt.generate;
-this stage picks the classes, checks the settings against the run's model, and
+this stage picks the classes, checks the settings against the run's model, trains
+or reuses the critic that rejects candidates when sample.critic_fields > 0 (nefgpt.critic), and
 writes the sample artifacts (nefgpt.samples_io). It also sizes a sampling up
 front, so an absurd ``-n`` is refused before any work.
 """
@@ -23,7 +24,7 @@ from .generate import check_guidance, draw_tokens, trained_config
 from .layout import CKPT_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples
-from .codebook import Vocab, load_tokenizer
+from .codebook import Tokenizer, Vocab, load_tokenizer
 from .critic import SEED, Critic, load_critic, model_fingerprint, save_critic, train_critic
 from .layout import CRITIC_FILE
 from .weight_prior import WeightPrior, prior_training_codes, run_prior
@@ -138,7 +139,7 @@ def critic_matches(critic: Critic, tok_id: str, model_id: str, cfg: SampleConfig
     return all(critic.info.get(k) == v for k, v in want.items())
 
 
-def fit_critic(model: GPT, tok, trained: dict, cfg: SampleConfig, run_dir: Path, where: str,
+def fit_critic(model: GPT, tok: Tokenizer, trained: dict, cfg: SampleConfig, run_dir: Path, where: str,
                progress: bool = False, prior: WeightPrior | None = None) -> Critic:
     """The critic for sampling `model` at cfg's setting: cfg.critic_fields fields per class drawn from it, told
     apart from the run's training fields (nefgpt.critic). Its draw and training have fixed seeds (critic.SEED),
@@ -155,7 +156,7 @@ def fit_critic(model: GPT, tok, trained: dict, cfg: SampleConfig, run_dir: Path,
     return critic
 
 
-def run_critic(model: GPT, tok, trained: dict, cfg: SampleConfig, run_dir: Path, progress: bool = False,
+def run_critic(model: GPT, tok: Tokenizer, trained: dict, cfg: SampleConfig, run_dir: Path, progress: bool = False,
                prior: WeightPrior | None = None, save: bool = True) -> Critic:
     """The run's critic.safetensors when it matches this sampling (critic_matches), else a new one (saved
     there when `save`)."""
