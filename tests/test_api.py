@@ -59,7 +59,7 @@ def test_same_seed_same_fields_other_seed_others(gen):
 
 def test_every_seed_of_the_tuned_setting_uses_the_shipped_critic(gen):
     assert gen.config.sample.critic_fields > 0
-    shipped = load_critic(gen.run_dir / "critic.safetensors")
+    shipped = load_critic(gen.run_dir / "critic.safetensors", gen.tokenizer.decode)
     for seed in (0, 7):
         gen.sample(labels=[4], seed=seed)
     (critic,) = gen._critics.values()  # one critic, loaded, not trained again

@@ -24,9 +24,8 @@ def critic() -> Critic:
     fake = torch.cat([_codes(100, 14 + 8 * c, 3, 10 + c) for c in range(2)])
     labels_r = torch.arange(2).repeat_interleave(150)
     labels_f = torch.arange(2).repeat_interleave(100)
-    critic = train_critic(VALUES[real], labels_r, VALUES[fake], labels_f, num_classes=2, quantile=0.5, seed=0)
-    critic.decode = lambda tokens: VALUES[tokens]
-    return critic
+    return train_critic(VALUES[real], labels_r, VALUES[fake], labels_f, num_classes=2, quantile=0.5,
+                        decode=lambda tokens: VALUES[tokens], seed=0)
 
 
 def test_the_critic_ranks_real_fields_above_drawn_ones(critic):
@@ -71,7 +70,7 @@ def test_draw_accepted_fills_every_slot_in_order_with_kept_candidates(critic):
 def test_a_saved_critic_gives_the_same_logits(critic, tmp_path):
     path = tmp_path / "critic.safetensors"
     save_critic(path, critic)
-    back = load_critic(path)
+    back = load_critic(path, critic.decode)
     codes, labels = _codes(20, 12, 5, 7), torch.ones(20, dtype=torch.long)
     assert torch.allclose(back.logits(VALUES[codes], labels), critic.logits(VALUES[codes], labels))
     assert torch.equal(back.thresholds, critic.thresholds) and back.info == critic.info
@@ -83,4 +82,4 @@ def test_a_file_that_is_not_a_critic_is_refused(tmp_path):
     path = tmp_path / "critic.safetensors"
     save_tensors(path, {"mean": torch.zeros(3)})
     with pytest.raises(ArtifactError, match="critic.safetensors"):
-        load_critic(path)
+        load_critic(path, lambda tokens: tokens.float())

@@ -39,7 +39,7 @@ from .pretrained import model_dir
 from .sample import draw, run_critic
 from .codebook import Tokenizer, Vocab, load_tokenizer
 from .tune import sampling_config
-from .validation import SAMPLING_KEYS
+from .validation import SAMPLING_KEYS, check_critic_quantile
 from .weight_prior import WeightPrior, run_prior
 
 __all__ = ["Fields", "Generator", "load", "load_pretrained"]
@@ -162,8 +162,7 @@ class Generator:
         else:
             cfg.n_per_class = 1  # one field per listed label: draw lays out n_per_class copies of each
             chosen = _labels(labels)
-        if not 0 <= cfg.critic_quantile < 1:
-            raise UsageError(f"critic_quantile must be in [0, 1), got {cfg.critic_quantile}")
+        check_critic_quantile(cfg.critic_quantile)
         prior = self._prior(cfg.prior_components, cfg.prior_dims, cfg.prior_positions) if cfg.prior_weight > 0 else None
         critic = self._critic(cfg, prior, progress) if cfg.critic_fields > 0 else None
         tokens, all_labels, _ = draw(self.model, self.vocab, self.spec.num_params, self._trained, cfg, chosen,

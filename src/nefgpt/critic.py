@@ -55,13 +55,12 @@ class Critic:
     """The trained discriminator, with its input standardization and per-class acceptance thresholds."""
 
     def __init__(self, net: nn.Sequential, mean: torch.Tensor, std: torch.Tensor, thresholds: torch.Tensor,
-                 info: dict) -> None:
+                 info: dict, decode: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.net = net.eval()
         self.mean, self.std, self.thresholds = mean, std, thresholds
         self.info = info  # what it was trained against and how well it did (saved as the file's metadata)
+        self.decode = decode  # code tokens -> weights: the run's tokenizer's (not saved with the critic)
         self.kept_fraction: float | None = None  # of the candidates, in the last draw_accepted
-        self.decode: Callable[[torch.Tensor], torch.Tensor] = lambda tokens: tokens.float()  # tokens -> weights:
-        # the run's tokenizer's, set by whoever loads the critic for a run (nefgpt.sample.run_critic)
 
     @property
     def num_classes(self) -> int:
@@ -114,19 +113,20 @@ def _place(labels: torch.Tensor, slots: dict, filled: dict) -> torch.Tensor:
 
 
 def train_critic(real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor,
-                 num_classes: int, quantile: float, seed: int = 0, progress: bool = False) -> Critic:
-    """Train the critic on real fields' weights (N, P) against drawn ones (M, P), with their labels.
+                 num_classes: int, quantile: float, decode: Callable[[torch.Tensor], torch.Tensor], seed: int = 0,
+                 progress: bool = False) -> Critic:
+    """Train the critic on real fields' weights (N, P) against drawn ones (M, P), with their labels; `decode`
+    maps the code tokens it will judge to weights.
 
     A tenth of the rows is held back; the epoch with the lowest loss there is kept (it overfits after a few
     epochs). The classes are balanced by weighting the real rows by M / N.
     """
-    real_w, fake_w = real, fake
-    mean, std = real_w.mean(0), real_w.std(0) + 1e-6
+    mean, std = real.mean(0), real.std(0) + 1e-6
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = _network(real.shape[1], num_classes)
-        critic = Critic(net, mean, std, torch.zeros(num_classes), {})
-        x = torch.cat([critic._inputs(real_w, real_labels), critic._inputs(fake_w, fake_labels)])
+        critic = Critic(net, mean, std, torch.zeros(num_classes), {}, decode)
+        x = torch.cat([critic._inputs(real, real_labels), critic._inputs(fake, fake_labels)])
         y = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))])
         pos_weight = torch.tensor(len(fake) / max(len(real), 1))
         order = torch.randperm(len(x))
@@ -164,12 +164,13 @@ def save_critic(path: Path, critic: Critic) -> None:
     save_tensors(path, tensors, critic.info)
 
 
-def load_critic(path: Path) -> Critic:
+def load_critic(path: Path, decode: Callable[[torch.Tensor], torch.Tensor]) -> Critic:
+    """A saved critic; `decode` maps code tokens to weights (the run's tokenizer's)."""
     t, info = load_tensors(path)
     try:
         num_weights, num_classes = len(t["mean"]), len(t["thresholds"])
         net = _network(num_weights, num_classes)
         net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")})
-        return Critic(net, t["mean"], t["std"], t["thresholds"], info)
+        return Critic(net, t["mean"], t["std"], t["thresholds"], info, decode)
     except (KeyError, RuntimeError) as exc:
         raise ArtifactError(f"{path}: not a critic file ({str(exc).splitlines()[0]})") from None

@@ -21,13 +21,12 @@ from .config import SampleConfig
 from .validation import SAMPLING_KEYS, check_sampling
 from .errors import UsageError
 from .generate import check_guidance, draw_tokens, trained_config
-from .layout import CKPT_FILE, TOKENIZER_FILE
+from .layout import CKPT_FILE, CRITIC_FILE, TOKENIZER_FILE
 from .model import GPT
 from .samples_io import save_samples
 from .codebook import Tokenizer, Vocab, load_tokenizer
 from .critic import SEED, Critic, load_critic, model_fingerprint, save_critic, train_critic
-from .layout import CRITIC_FILE
-from .weight_prior import WeightPrior, prior_training_codes, run_prior
+from .weight_prior import WeightPrior, run_prior, training_codes
 
 
 # Sampling time per field when the run has none measured: a conservative CPU figure (the demo GPT measured
@@ -139,19 +138,18 @@ def critic_matches(critic: Critic, tok_id: str, model_id: str, cfg: SampleConfig
     return all(critic.info.get(k) == v for k, v in want.items())
 
 
-def fit_critic(model: GPT, tok: Tokenizer, trained: dict, cfg: SampleConfig, run_dir: Path, where: str,
-               progress: bool = False, prior: WeightPrior | None = None) -> Critic:
+def fit_critic(model: GPT, model_id: str, tok: Tokenizer, trained: dict, cfg: SampleConfig, run_dir: Path,
+               where: str, progress: bool = False, prior: WeightPrior | None = None) -> Critic:
     """The critic for sampling `model` at cfg's setting: cfg.critic_fields fields per class drawn from it, told
     apart from the run's training fields (nefgpt.critic). Its draw and training have fixed seeds (critic.SEED),
     apart from the samples' stream, so every sample seed shares one critic."""
-    codes, labels = prior_training_codes(run_dir, tok, tok.spec.num_params, "sample.critic_fields > 0",
-                                         "critic_fields 0", raw_only=False)
+    codes, labels = training_codes(run_dir, tok, tok.spec.num_params, "sample.critic_fields > 0", "critic_fields 0")
     fake_cfg = copy.copy(cfg)
     fake_cfg.n_per_class, fake_cfg.seed, fake_cfg.critic_fields = cfg.critic_fields, SEED, 0
     fake, fake_labels, _ = draw(model, tok.vocab, tok.spec.num_params, trained, fake_cfg, None, where, progress, prior)
     critic = train_critic(tok.decode(codes), labels, tok.decode(fake), fake_labels, tok.vocab.num_classes,
-                          cfg.critic_quantile, seed=0, progress=progress)
-    critic.info.update(tokenizer_id=tok.id, model_id=model_fingerprint(model), critic_fields=cfg.critic_fields,
+                          cfg.critic_quantile, tok.decode, seed=0, progress=progress)
+    critic.info.update(tokenizer_id=tok.id, model_id=model_id, critic_fields=cfg.critic_fields,
                        setting={k: getattr(cfg, k) for k in SAMPLING_KEYS})
     return critic
 
@@ -160,14 +158,12 @@ def run_critic(model: GPT, tok: Tokenizer, trained: dict, cfg: SampleConfig, run
                prior: WeightPrior | None = None, save: bool = True) -> Critic:
     """The run's critic.safetensors when it matches this sampling (critic_matches), else a new one (saved
     there when `save`)."""
-    path = run_dir / CRITIC_FILE
+    path, model_id = run_dir / CRITIC_FILE, model_fingerprint(model)
     if path.exists():
-        saved = load_critic(path)
-        if critic_matches(saved, tok.id, model_fingerprint(model), cfg):
-            saved.decode = tok.decode
+        saved = load_critic(path, tok.decode)
+        if critic_matches(saved, tok.id, model_id, cfg):
             return saved
-    critic = fit_critic(model, tok, trained, cfg, run_dir, str(run_dir / CKPT_FILE), progress, prior)
-    critic.decode = tok.decode
+    critic = fit_critic(model, model_id, tok, trained, cfg, run_dir, str(run_dir / CKPT_FILE), progress, prior)
     if save:
         save_critic(path, critic)
     return critic
@@ -181,10 +177,10 @@ def run_sample(cfg: SampleConfig, run_dir: Path, progress: bool = True, labels: 
     model, ckpt = load_checked_model(run_dir, vocab, spec, tok_id)
     prior = (run_prior(run_dir, tok, cfg.prior_components, cfg.prior_dims, cfg.prior_positions)
              if cfg.prior_weight > 0 else None)
-    critic = (run_critic(model, tok, trained_config(ckpt), cfg, run_dir, progress, prior)
-              if cfg.critic_fields > 0 else None)
+    trained = trained_config(ckpt)
+    critic = run_critic(model, tok, trained, cfg, run_dir, progress, prior) if cfg.critic_fields > 0 else None
     t0 = time.perf_counter()
-    tokens, all_labels, conditioned = draw(model, vocab, spec.num_params, trained_config(ckpt), cfg, labels,
+    tokens, all_labels, conditioned = draw(model, vocab, spec.num_params, trained, cfg, labels,
                                            str(run_dir / CKPT_FILE), progress, prior, critic)
     meta = {"tokenizer_id": tok_id, "sampling": vars(cfg).copy(), "conditioned": conditioned,
             "critic": None if critic is None else {**critic.info, "kept_fraction": critic.kept_fraction},

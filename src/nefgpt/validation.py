@@ -51,6 +51,11 @@ _POSITIVE = {
 MAX_OVERSAMPLE = 100  # candidates per field kept: beyond this the sampling time, not the choice, is the problem
 
 
+def check_critic_quantile(quantile: float, prefix: str = "") -> None:
+    if not 0 <= quantile < 1:  # also refuses NaN
+        raise UsageError(f"{prefix}critic_quantile must be in [0, 1), got {quantile}")
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float, num_codes: int, guidance: float = 1.0,
                    min_p: float = 0.0, prefix: str = "", num_codes_name: str = "", oversample: float = 1.0,
                    prior_weight: float = 0.0, prior_components: int = 1, prior_dims: int = 0,
@@ -207,8 +212,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                    prior_weight=s.prior_weight, prior_components=s.prior_components, prior_dims=s.prior_dims,
                    prior_gpt_weight=s.prior_gpt_weight, prior_positions=s.prior_positions,
                    prior_component_draw=s.prior_component_draw)
-    if not 0 <= s.critic_quantile < 1:  # also refuses NaN
-        raise UsageError(f"sample.critic_quantile must be in [0, 1), got {s.critic_quantile}")
+    check_critic_quantile(s.critic_quantile, prefix="sample.")
     unknown = [k for k in s.explicit if k not in SAMPLING_KEYS]
     if unknown:
         raise UsageError(f"sample.explicit lists {', '.join(unknown)}: not a sampling key ({', '.join(SAMPLING_KEYS)})")

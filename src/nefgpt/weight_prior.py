@@ -194,25 +194,29 @@ def _saved_codes(saved: Path, t: dict, tok: Tokenizer, n: int) -> tuple[torch.Te
     return codes[:, :n], labels.long()
 
 
-def prior_training_codes(run_dir: Path, tok: Tokenizer, n: int, needs: str = "sample.prior_weight > 0",
-                         off: str = "prior_weight 0", raw_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codes of the first n positions (N, n) and the labels (N,) of a run's training rows: what its prior is
-    fitted on (and the critic trained on, which takes any tokenizer: raw_only False). `needs` and `off` name the
-    setting in messages."""
-    if raw_only and (tok.offsets != "none" or tok.order != "input_first"):
-        raise UsageError(f"{needs}: the prior is on the raw weights, but the run's tokens "
-                         f"are tokenize.offsets = {tok.offsets}, tokenize.order = {tok.order}; use {off}")
+def training_codes(run_dir: Path, tok: Tokenizer, n: int, needs: str, off: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of the first n positions (N, n) and the labels (N,) of a run's training rows, from its tokens or,
+    in a shipped model, from the codes saved beside it (save_prior). `needs` and `off` name the setting that
+    wants them, in messages."""
     saved = run_dir / PRIOR_FILE
     if not (run_dir / TOKENS_FILE).exists() and saved.exists():  # a shipped model carries its training codes
         t, meta = load_tensors(saved)
         if "codes" in t and meta.get("tokenizer_id") == tok.id:
             return _saved_codes(saved, t, tok, n)
     if not (run_dir / TOKENS_FILE).exists():
-        raise ArtifactError(f"{run_dir / TOKENS_FILE}: {needs} fits its prior on the run's training "
+        raise ArtifactError(f"{run_dir / TOKENS_FILE}: {needs} needs the run's training "
                             f"tokens, and this run has none (a shipped pretrained model?); use {off}")
     tokens, labels = load_tokens(run_dir, tok.id)
     rows = training_rows(load_split(run_dir), load_metadata(run_dir / TOKENS_FILE))
     return tokens[rows, :n], labels[rows]
+
+
+def prior_training_codes(run_dir: Path, tok: Tokenizer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """training_codes for the prior, which lives on the raw weights in the flatten order."""
+    if tok.offsets != "none" or tok.order != "input_first":
+        raise UsageError(f"sample.prior_weight > 0: the prior is on the raw weights, but the run's tokens "
+                         f"are tokenize.offsets = {tok.offsets}, tokenize.order = {tok.order}; use prior_weight 0")
+    return training_codes(run_dir, tok, n, "sample.prior_weight > 0", "prior_weight 0")
 
 
 def run_prior(run_dir: Path, tok: Tokenizer, components: int = 1, dims: int = 0,
